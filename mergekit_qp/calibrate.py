@@ -1,0 +1,207 @@
+"""Running models on calibration data: load a checkpoint with transformers, gather its
+statistics with `statistics.StatisticsCollector`, and cache them on disk.
+
+The cache key covers everything the statistics depend on: the model's files, the data's
+content, the tokenizer's files and the sampling settings, so a sweep over `basis` or `ridge`
+re-solves without a single forward pass, while a changed model or data set is recomputed.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import threading
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Dict, List, Optional
+
+import torch
+
+from . import __version__
+from .calibration import (
+    CalibrationSource,
+    batches,
+    calibration_fingerprint,
+    load_records,
+    tokenize_calibration,
+)
+from .statistics import (
+    ModelStatistics,
+    StatisticsCollector,
+    StatisticsError,
+    bytes_fingerprint,
+    files_fingerprint,
+    fingerprint,
+    save_statistics,
+)
+
+LOG = logging.getLogger("mergekit_qp")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                   "merges.txt", "tokenizer.model", "special_tokens_map.json")
+WEIGHT_FILES = (".safetensors", ".bin", ".json", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    field: Optional[str] = None
+    cache_dir: Optional[str] = None
+    max_batch_tokens: int = 4096
+
+    @staticmethod
+    def from_params(params) -> "CalibrationSettings":
+        return CalibrationSettings(
+            samples=int(params["calibration_samples"]),
+            seq_len=int(params["calibration_seq_len"]),
+            seed=int(params["calibration_seed"]),
+            field=params.get("calibration_field"),
+            cache_dir=params.get("cache_dir"),
+        )
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("MERGEKIT_QP_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "mergekit_qp"
+    )
+
+
+def local_model_path(model) -> str:
+    """A mergekit ModelReference (or a path) as a local folder, or a clear error."""
+    if isinstance(model, str):
+        return model
+    if getattr(model, "lora", None) is not None:
+        raise ValueError(
+            f"output_qp: {model} is a LoRA reference; merge the adapter into a checkpoint first "
+            "so that calibration runs the model that is merged"
+        )
+    path = model.model.path
+    if os.path.isdir(path):
+        return path
+    try:
+        return model.local_path()
+    except Exception as error:
+        raise ValueError(f"output_qp: model {path!r} is not a local folder and could not be fetched: {error}") from None
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(model_dir: str):
+    """The base model's tokenizer, or None when the folder has none."""
+    from transformers import AutoTokenizer
+
+    if not any(os.path.exists(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
+        return None
+    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+
+def tokenizer_fingerprint(model_dir: str) -> str:
+    files = [os.path.join(model_dir, f) for f in TOKENIZER_FILES if os.path.exists(os.path.join(model_dir, f))]
+    return bytes_fingerprint(files) if files else "none"
+
+
+def load_model(model_dir: str, device: torch.device) -> torch.nn.Module:
+    """The checkpoint as its own transformers class (so module names match tensor names)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    model_class = next(
+        (getattr(transformers, a) for a in (config.architectures or []) if hasattr(transformers, a)),
+        transformers.AutoModel,
+    )
+    model = model_class.from_pretrained(model_dir, local_files_only=True)
+    return model.to(device=device, dtype=torch.float32).eval()
+
+
+_memory: Dict[str, ModelStatistics] = {}
+_lock = threading.Lock()
+
+
+def expert_statistics(model, base_model, calibration: Optional[str], settings: CalibrationSettings,
+                      device: torch.device) -> ModelStatistics:
+    """Statistics of one expert on its calibration data: from memory, the disk cache, or a
+    forward pass (which then fills the cache)."""
+    model_dir = local_model_path(model)
+    base_dir = local_model_path(base_model)
+    if not calibration:
+        raise ValueError(
+            f"output_qp: no calibration data for model {model_dir!r}: set `calibration:` in its "
+            "parameters (or a default in the top-level parameters)"
+        )
+    source = CalibrationSource(path=str(calibration), field=settings.field)
+    key = fingerprint({
+        "mergekit_qp": __version__,
+        "model": files_fingerprint(model_dir, WEIGHT_FILES),
+        "data": calibration_fingerprint(source),
+        "tokenizer": tokenizer_fingerprint(base_dir),
+        "samples": str(settings.samples),
+        "seq_len": str(settings.seq_len),
+        "seed": str(settings.seed),
+    })
+    with _lock:
+        if key in _memory:
+            return _memory[key]
+        cache_dir = settings.cache_dir or default_cache_dir()
+        path = os.path.join(cache_dir, f"{key}.safetensors")
+        if os.path.exists(path):
+            try:
+                stats = ModelStatistics(path)
+                LOG.info("output_qp: statistics of %s from cache %s", model_dir, path)
+                _memory[key] = stats
+                return stats
+            except StatisticsError as error:
+                LOG.warning("output_qp: ignoring unusable cache file (%s); recomputing", error)
+        _compute(model_dir, base_dir, source, settings, device, path)
+        stats = ModelStatistics(path)
+        _memory[key] = stats
+        return stats
+
+
+def _compute(model_dir, base_dir, source, settings, device, path) -> None:
+    from tqdm.auto import tqdm
+
+    tokenizer = load_tokenizer(base_dir)
+    records = load_records(source)
+    sequences = tokenize_calibration(
+        records, tokenizer, samples=settings.samples, seq_len=settings.seq_len,
+        seed=settings.seed, source_name=source.path,
+    )
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    model = load_model(model_dir, device)
+    vocab = model.get_input_embeddings().num_embeddings if model.get_input_embeddings() is not None else None
+    if vocab is not None and max(int(s.max()) for s in sequences) >= vocab:
+        raise ValueError(
+            f"output_qp: calibration {source.path!r} has token ids ≥ {vocab}, the vocabulary size of {model_dir!r}"
+        )
+    collector = StatisticsCollector(model)
+    total = sum(len(s) for s in sequences)
+    try:
+        with tqdm(total=total, unit="tok", desc=f"output_qp statistics {os.path.basename(model_dir.rstrip('/'))}") as bar:
+            for input_ids, mask in batches(sequences, max_tokens=settings.max_batch_tokens, pad_id=pad_id):
+                collector.observe(input_ids.to(device), mask.to(device))
+                bar.update(int(mask.sum()))
+        tensors = collector.tensors()
+    finally:
+        collector.close()
+    if collector.skipped:
+        LOG.info("output_qp: no statistics for %s", ", ".join(sorted(collector.skipped)))
+    save_statistics(
+        path,
+        tensors,
+        aliases=collector.aliases,
+        tokens=collector.token_count(),
+        base_model_prefix=getattr(model, "base_model_prefix", "") or "",
+        description={"model": model_dir, "calibration": source.path, **{k: str(v) for k, v in asdict(settings).items()}},
+    )
+    del model
+
+
+def statistics_for(base, experts, params, device) -> List[ModelStatistics]:
+    """Statistics of every expert of a tensor group, in the group's order."""
+    settings = CalibrationSettings.from_params(params)
+    return [
+        expert_statistics(e.id, base.id, params["calibration"][e.id], settings, device)
+        for e in experts
+    ]

@@ -1,0 +1,491 @@
+"""Everything that touches mergekit: the `output_qp` method, its parameters, registration,
+and the narrow, version-gated patches of mergekit's planner.
+
+mergekit 0.1.5 hands a merge method one tensor group at a time (all models' versions of one
+weight). `output_qp` looks up the calibration statistics of each expert for that weight
+(computed once per expert and cached on disk, see `statistics.py`) and solves the QP of
+`qp.py`. Anything without statistics falls back to a configured simple method, visibly.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from mergekit.merge_methods.base import (
+    BasePolicy,
+    GroupMergeMethod,
+    InputContract,
+    MergeMethodSpec,
+    ParameterScope,
+    ParameterSpec,
+    TensorGroup,
+)
+
+from . import qp
+from .diagnostic import augmented_gram
+from .statistics import EmbeddingStats, LinearStats, ModelStatistics, NormStats
+
+LOG = logging.getLogger("mergekit_qp")
+
+METHOD_NAME = "output_qp"
+FALLBACKS = ("linear", "task_arithmetic", "base")
+SUPPORTED_MERGEKIT = ("0.1.5",)
+
+
+def _parameters() -> Tuple[ParameterSpec, ...]:
+    def shared(name, value_type, default, description):
+        return ParameterSpec(name, value_type, ParameterScope.SHARED, default, description)
+
+    def per_expert(name, value_type, default, description):
+        return ParameterSpec(name, value_type, ParameterScope.NON_BASE, default, description)
+
+    return (
+        per_expert("weight", float, 1.0, "task weight ω of this expert in the objective"),
+        per_expert(
+            "calibration",
+            Optional[str],
+            None,
+            "calibration data of this expert's task (file, folder or hub name); "
+            "a top-level value is the default for every expert",
+        ),
+        shared("calibration_field", Optional[str], None, "text (or input_ids) field; default text"),
+        shared("calibration_samples", int, 128, "number of calibration sequences per expert"),
+        shared("calibration_seq_len", int, 512, "maximum tokens per calibration sequence"),
+        shared("calibration_seed", int, 0, "seed of the deterministic sample selection"),
+        shared("basis", str, "full", "full | diagonal | task | rank-N"),
+        shared("ridge", float, 1e-4, "Tikhonov weight relative to tr(G)/d, centred on the average update"),
+        shared("nonneg", bool, False, "task basis: coefficients ≥ 0"),
+        shared("sum_to_one", bool, False, "task basis: coefficients sum to one"),
+        shared("fallback", str, "linear", "method for tensors without statistics: " + " | ".join(FALLBACKS)),
+        shared("cache_dir", Optional[str], None, "statistics cache folder (default $MERGEKIT_QP_CACHE or ~/.cache/mergekit_qp)"),
+    )
+
+
+PARAMETERS = _parameters()
+PARAMETER_NAMES = tuple(p.name for p in PARAMETERS)
+_PER_EXPERT = {p.name for p in PARAMETERS if p.scope != ParameterScope.SHARED}
+
+
+@dataclass(frozen=True)
+class Basis:
+    kind: str  # full | diagonal | task | rank
+    rank: Optional[int] = None
+
+    @staticmethod
+    def parse(text: str) -> "Basis":
+        value = str(text).strip().lower()
+        if value in ("full", "diagonal", "task"):
+            return Basis(value)
+        match = re.fullmatch(r"rank-(\d+)", value)
+        if match and int(match.group(1)) >= 1:
+            return Basis("rank", int(match.group(1)))
+        raise ValueError(
+            f"output_qp: invalid basis {text!r}; valid: full, diagonal, task, rank-N (N ≥ 1, e.g. rank-16)"
+        )
+
+
+def validate_values(params: Dict[str, Any], where: str = "") -> None:
+    """Checks of shared values beyond their types; raises ValueError naming the parameter."""
+    at = f" ({where})" if where else ""
+    basis = Basis.parse(params.get("basis", "full"))
+    if params.get("ridge", 0.0) < 0:
+        raise ValueError(f"output_qp: ridge must be ≥ 0{at}; got {params['ridge']}")
+    for name in ("calibration_samples", "calibration_seq_len"):
+        if name in params and params[name] < 1:
+            raise ValueError(f"output_qp: {name} must be ≥ 1{at}; got {params[name]}")
+    if params.get("fallback", "linear") not in FALLBACKS:
+        raise ValueError(
+            f"output_qp: invalid fallback {params['fallback']!r}{at}; valid: {', '.join(FALLBACKS)}"
+        )
+    if basis.kind != "task" and (params.get("nonneg") or params.get("sum_to_one")):
+        raise ValueError(f"output_qp: nonneg / sum_to_one apply to basis: task only{at}")
+    if "weight" in params and params["weight"] <= 0:
+        raise ValueError(f"output_qp: weight must be > 0{at}; got {params['weight']}")
+
+
+class OutputQPMerge(GroupMergeMethod):
+    """Merging as the convex QP of design §3, one tensor group at a time."""
+
+    def __init__(self):
+        self.spec = MergeMethodSpec(
+            name=METHOD_NAME,
+            parameters=PARAMETERS,
+            contract=InputContract(base=BasePolicy.REQUIRED, min_inputs=2, min_non_base=1),
+            pretty_name="Output-space QP",
+            reference_url="https://arxiv.org/abs/2605.29101",
+        )
+        self._pending: Dict[Tuple, torch.Tensor] = {}
+        self._lock = threading.Lock()
+        self.fallbacks: List[Tuple[str, str]] = []  # (tensor, reason), for the log and report
+        self.records: List[Dict[str, Any]] = []  # per-tensor diagnostic
+
+    # -- the per-tensor entry point -------------------------------------------------------
+    def merge_group(self, group: TensorGroup, /, **params: Any) -> torch.Tensor:
+        from .calibrate import statistics_for
+
+        name = group.metadata.name or ""
+        validate_values({k: v for k, v in params.items() if k not in _PER_EXPERT}, where=name)
+        base = group.base
+        experts = group.non_base
+        weights = [float(params["weight"][e.id]) for e in experts]
+        for e, w in zip(experts, weights):
+            if w <= 0:
+                raise ValueError(f"output_qp: weight of {e.id} must be > 0 (tensor {name}); got {w}")
+        if not base.tensor.is_floating_point():
+            return base.tensor
+
+        stats = statistics_for(base, experts, params, device=base.tensor.device)
+        module, _, leaf = name.rpartition(".")
+        found = [s.lookup(module) for s in stats]
+        kinds = {type(f) for f in found}
+        if None in kinds or len(kinds) != 1:
+            return self._fallback(group, weights, params, "no calibration statistics")
+        kind = kinds.pop()
+        try:
+            if kind is LinearStats and base.tensor.ndim == 2 and leaf == "weight":
+                return self._linear(group, found, weights, params, part="weight")
+            if kind is LinearStats and base.tensor.ndim == 1 and leaf == "bias":
+                return self._linear(group, found, weights, params, part="bias")
+            if kind is NormStats and base.tensor.ndim == 1 and leaf in ("weight", "bias"):
+                return self._norm(group, found, weights, params, part=leaf)
+            if kind is EmbeddingStats and base.tensor.ndim == 2:
+                return self._embedding(group, found, weights, params)
+        except _ShapeMismatch as reason:
+            return self._fallback(group, weights, params, str(reason))
+        return self._fallback(group, weights, params, f"no QP form for a {leaf} of a {kind.__name__[:-5].lower()} module")
+
+    # -- parameter types ------------------------------------------------------------------
+    def _linear(self, group, found: Sequence[LinearStats], weights, params, part: str) -> torch.Tensor:
+        name = group.metadata.name
+        module = name.rpartition(".")[0]
+        key = (module, tuple(str(e.id) for e in group.entries), _params_key(params))
+        with self._lock:
+            if (cached := self._pending.pop((key, part), None)) is not None:
+                return cached.to(group.base.tensor.dtype)
+
+        other = "bias" if part == "weight" else "weight"
+        partner = partner_tensors(group, f"{module}.{other}")  # None when the layer has no bias
+        if part == "bias" and partner is None:
+            raise _ShapeMismatch(f"bias {name} without a weight")
+        weight_group = group if part == "weight" else partner
+        bias_group = partner if part == "weight" else group
+
+        w0 = weight_group.base.tensor
+        deltas = [(e.tensor.double() - w0.double()) for e in weight_group.non_base]
+        grams = [s.gram.to(w0.device, torch.float64) for s in found]
+        d = w0.shape[1]
+        if any(g.shape != (d, d) for g in grams):
+            raise _ShapeMismatch(f"statistics of width {grams[0].shape[0]} for a weight of width {d}")
+        if bias_group is not None:
+            # Homogeneous coordinates: x → [x, 1] so the bias is solved jointly with W.
+            b0 = bias_group.base.tensor.double()
+            deltas = [torch.cat([dw, (e.tensor.double() - b0)[:, None]], 1) for dw, e in zip(deltas, bias_group.non_base)]
+            grams = [augmented_gram(g, s.mean.to(w0.device, torch.float64)) for g, s in zip(grams, found)]
+
+        update = self._solve(deltas, grams, weights, params)
+        self._record(name, update, deltas, grams, weights, params)
+        if bias_group is None:
+            return (w0.double() + update).to(w0.dtype)
+        new_w = (w0.double() + update[:, :d]).to(w0.dtype)
+        new_b = (bias_group.base.tensor.double() + update[:, d]).to(bias_group.base.tensor.dtype)
+        mine, theirs = (new_w, new_b) if part == "weight" else (new_b, new_w)
+        with self._lock:
+            self._pending[(key, other)] = theirs
+        return mine
+
+    def _solve(self, deltas, grams, weights, params) -> torch.Tensor:
+        basis = Basis.parse(params["basis"])
+        ridge = float(params["ridge"])
+        if basis.kind == "full":
+            return qp.full_update(deltas, grams, weights, ridge).double()
+        if basis.kind == "diagonal":
+            return qp.diagonal_update(deltas, [torch.diagonal(g) for g in grams], weights, ridge).double()
+        if basis.kind == "task":
+            update, _ = qp.task_update(
+                deltas, grams, weights, ridge, nonneg=params["nonneg"], sum_to_one=params["sum_to_one"]
+            )
+            return update.double()
+        return qp.low_rank_update(deltas, grams, weights, ridge, basis.rank).double()
+
+    def _norm(self, group, found: Sequence[NormStats], weights, params, part: str) -> torch.Tensor:
+        name = group.metadata.name
+        module = name.rpartition(".")[0]
+        other = "bias" if part == "weight" else "weight"
+        partner = partner_tensors(group, f"{module}.{other}")
+        scale_group = group if part == "weight" else partner
+        bias_group = partner if part == "weight" else group
+        if scale_group is None:
+            raise _ShapeMismatch(f"norm bias {name} without a scale")
+        g0 = scale_group.base.tensor
+        if any(s.m2.shape != g0.shape for s in found):
+            raise _ShapeMismatch(f"statistics of width {found[0].m2.shape[0]} for a norm of width {g0.shape[0]}")
+        scale_deltas = [e.tensor.double() - g0.double() for e in scale_group.non_base]
+        bias_deltas = None
+        if bias_group is not None:
+            b0 = bias_group.base.tensor.double()
+            bias_deltas = [e.tensor.double() - b0 for e in bias_group.non_base]
+        dev = g0.device
+        scale, bias = qp.featurewise_affine_update(
+            scale_deltas,
+            bias_deltas,
+            [s.m2.to(dev, torch.float64) for s in found],
+            [s.m1.to(dev, torch.float64) for s in found],
+            weights,
+            float(params["ridge"]),
+        )
+        result = scale if part == "weight" else bias
+        return (group.base.tensor.double() + result.to(dev).double()).to(group.base.tensor.dtype)
+
+    def _embedding(self, group, found: Sequence[EmbeddingStats], weights, params) -> torch.Tensor:
+        e0 = group.base.tensor
+        if any(s.freq.shape[0] != e0.shape[0] for s in found):
+            raise _ShapeMismatch(
+                f"token statistics for {found[0].freq.shape[0]} rows, embedding has {e0.shape[0]}"
+            )
+        deltas = [e.tensor.double() - e0.double() for e in group.non_base]
+        update = qp.rowwise_update(
+            deltas, [s.freq.to(e0.device, torch.float64) for s in found], weights, float(params["ridge"])
+        )
+        return (e0.double() + update.to(e0.device).double()).to(e0.dtype)
+
+    # -- fallback and diagnostics ---------------------------------------------------------
+    def _fallback(self, group, weights, params, reason: str) -> torch.Tensor:
+        name = group.metadata.name
+        method = params["fallback"]
+        with self._lock:
+            self.fallbacks.append((name, f"{reason}; merged with {method}"))
+        LOG.info("output_qp: %s falls back to %s (%s)", name, method, reason)
+        base = group.base.tensor
+        if method == "base" or not base.is_floating_point():
+            return base
+        deltas = [e.tensor.double() - base.double() for e in group.non_base]
+        total = sum(w * d for w, d in zip(weights, deltas))
+        if method == "linear":
+            total = total / sum(weights)
+        return (base.double() + total).to(base.dtype)
+
+    def _record(self, name, update, deltas, grams, weights, params) -> None:
+        objective = qp.objective(update, deltas, grams, weights)
+        with self._lock:
+            self.records.append(
+                {"name": name, "rho": objective.rho, "rho_by_task": list(objective.rho_per_task)}
+            )
+
+
+class _ShapeMismatch(Exception):
+    """Statistics exist but do not fit this tensor: fall back rather than guess."""
+
+
+def partner_tensors(group: TensorGroup, name: str) -> Optional[TensorGroup]:
+    """Another tensor of the same module (a linear layer's bias for its weight, and so on)
+    from every model of the group, read through mergekit's own loaders; None if the base
+    model has no such tensor."""
+    from mergekit.io.tasks import LoaderCache
+    from mergekit.merge_methods.base import TensorEntry
+
+    entries = []
+    # The base decides whether the module has this tensor at all, so look at it first.
+    for entry in sorted(group.entries, key=lambda e: not e.is_base):
+        loader = LoaderCache().get(entry.id)
+        names = loader.index.tensor_paths
+        # Checkpoints may carry a model prefix that the output name lacks (bert.…).
+        key = name if name in names else next((k for k in sorted(names, key=len) if k.endswith("." + name)), None)
+        if key is None:
+            if entry.is_base:
+                return None
+            raise _ShapeMismatch(f"{entry.id} has no {name} while the base model has one")
+        tensor = loader.get_tensor(key, device=str(group.base.tensor.device))
+        entries.append(TensorEntry(id=entry.id, tensor=tensor, is_base=entry.is_base))
+    return TensorGroup(entries=tuple(entries))
+
+
+def _params_key(params: Dict[str, Any]) -> Tuple:
+    return tuple(
+        (k, tuple(sorted((str(i), v) for i, v in params[k].items())) if hasattr(params[k], "items") else params[k])
+        for k in sorted(params)
+    )
+
+
+# -- configuration checks that mergekit does not make --------------------------------------
+
+
+def check_config(config) -> None:
+    """Reject unknown parameter names and bad values of our methods before any work is done.
+
+    mergekit silently ignores parameters a method does not declare, so a misspelt `ridge`
+    would merge with the default: for our methods that is an error naming the place.
+    """
+    if config.merge_method != METHOD_NAME:
+        return
+    places: List[Tuple[str, Optional[Dict[str, Any]]]] = [("parameters", config.parameters)]
+    for i, model in enumerate(config.models or []):
+        places.append((f"models[{i}] ({model.model}) parameters", model.parameters))
+    for i, out_slice in enumerate(config.slices or []):
+        places.append((f"slices[{i}] parameters", out_slice.parameters))
+        for j, source in enumerate(out_slice.sources):
+            places.append((f"slices[{i}].sources[{j}] ({source.model}) parameters", source.parameters))
+    for name, module in (config.modules or {}).items():
+        places.append((f"modules.{name} parameters", module.parameters))
+    for where, settings in places:
+        for key, value in (settings or {}).items():
+            if key not in PARAMETER_NAMES:
+                close = difflib.get_close_matches(key, PARAMETER_NAMES, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(
+                    f"output_qp: unknown parameter {key!r} in {where}{hint} "
+                    f"Valid parameters: {', '.join(PARAMETER_NAMES)}"
+                )
+        scalars = {}
+        for spec in PARAMETERS:
+            value = (settings or {}).get(spec.name)
+            if isinstance(value, (bool, int, float, str)) or value is None and spec.name in (settings or {}):
+                try:
+                    scalars[spec.name] = spec.validate(value)
+                except Exception as error:
+                    raise ValueError(f"output_qp: bad value for {spec.name!r} in {where}: {error}") from None
+        validate_values(scalars, where)
+
+
+def check_slices(config) -> None:
+    """output_qp needs each output layer to come from the same layer index in every input:
+    statistics are gathered per layer of each expert, and a shifted or mixed slice would pair
+    a weight with another layer's inputs."""
+    if config.merge_method != METHOD_NAME:
+        return
+    for module_name, module in (config.modules or {}).items():
+        position = 0
+        for i, out_slice in enumerate(module.slices or []):
+            for source in out_slice.sources:
+                start, end = source.layer_range
+                if start != position:
+                    raise ValueError(
+                        f"output_qp: slices do not line up in module {module_name!r}: slice {i} takes "
+                        f"layers {start}..{end} of {source.model} for output layers starting at {position}; "
+                        "every source must supply the same layer indices as the output layers it fills"
+                    )
+            position += out_slice.sources[0].layer_range[1] - out_slice.sources[0].layer_range[0]
+
+
+def precompute_statistics(planner) -> None:
+    """Gather every expert's statistics while planning, before any tensor is merged, so that
+    bad calibration input fails at once and the merge itself only reads the cache."""
+    config = planner.config
+    if config.merge_method != METHOD_NAME:
+        return
+    from .calibrate import CalibrationSettings, expert_statistics
+
+    top = config.parameters or {}
+    shared = {}
+    for spec in PARAMETERS:
+        value = top.get(spec.name, spec.default)
+        shared[spec.name] = spec.validate(value) if isinstance(value, (bool, int, float, str)) or value is None else spec.default
+    settings = CalibrationSettings.from_params(shared)
+    device = torch.device(planner.options.device or "cpu")
+    for module in config.modules.values():
+        for out_slice in module.slices:
+            base = out_slice.base_model or config.base_model
+            for source in out_slice.sources:
+                if source.model == base:
+                    continue
+                scopes = (source.parameters, out_slice.parameters, module.parameters, config.parameters)
+                calibration = next((s["calibration"] for s in scopes if s and "calibration" in s), None)
+                if calibration is None or isinstance(calibration, str):
+                    expert_statistics(source.model, base, calibration, settings, device)
+
+
+_patch_lock = threading.Lock()
+_patched = False
+
+
+def patch_mergekit() -> None:
+    """Install the planner patches (idempotent, version-gated)."""
+    global _patched
+    import mergekit
+    from mergekit.plan import MergePlanner
+
+    with _patch_lock:
+        if _patched:
+            return
+        version = getattr(mergekit, "__version__", None) or _distribution_version()
+        if version not in SUPPORTED_MERGEKIT:
+            raise RuntimeError(
+                f"mergekit-qp supports mergekit {', '.join(SUPPORTED_MERGEKIT)}; found {version}. "
+                "Its planner integration touches private API: upgrade mergekit-qp."
+            )
+        original_normalize = MergePlanner.normalize_config
+        original_plan_tensor = MergePlanner.plan_tensor
+
+        def normalize_config(self):
+            check_config(self.config)
+            original_normalize(self)
+            check_slices(self.config)
+            precompute_statistics(self)
+
+        def plan_tensor(self, weight, weights_in, models, cfg_reader):
+            # mergekit 0.1.5 computes `[w.name] + (w.aliases or [])` for optional weights, and
+            # aliases is a tuple: every BERT-family merge crashes on embeddings.position_ids.
+            weights_in = [_concat_safe(w) for w in weights_in]
+            return original_plan_tensor(self, weight, weights_in, models, cfg_reader)
+
+        MergePlanner.normalize_config = normalize_config
+        MergePlanner.plan_tensor = plan_tensor
+        _patched = True
+
+
+class _ConcatTuple(tuple):
+    """A tuple that `list + tuple` accepts, for mergekit 0.1.5's alias concatenation."""
+
+    def __radd__(self, other):
+        return list(other) + list(self)
+
+
+def _concat_safe(weight):
+    if isinstance(weight.aliases, tuple) and not isinstance(weight.aliases, _ConcatTuple):
+        # model_copy does not re-validate, so the subclass survives (and hashes like a tuple).
+        return weight.model_copy(update={"aliases": _ConcatTuple(weight.aliases)})
+    return weight
+
+
+def _distribution_version() -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mergekit")
+    except PackageNotFoundError:
+        return None
+
+
+_registered = False
+
+
+def register_method() -> None:
+    """Add `output_qp` to mergekit's registry (idempotent)."""
+    global _registered
+    from mergekit.merge_methods import registry
+
+    with _patch_lock:
+        if not _registered and METHOD_NAME not in {m.spec.name for m in registry.registered_methods()}:
+            registry.register(METHOD)
+        _registered = True
+
+
+def register() -> None:
+    """Make `output_qp` available to mergekit and patch its planner (idempotent)."""
+    register_method()
+    patch_mergekit()
+
+
+METHOD = OutputQPMerge()
+
+# The start-up hook fires while this module is still importing mergekit (when user code
+# imports mergekit_qp before mergekit); it then leaves its callback here to finish the job.
+_callback = globals().pop("_register_when_loaded", None)
+if _callback is not None:
+    _callback()

@@ -1,0 +1,204 @@
+"""The installed plugin, through the stock `mergekit-yaml` in a subprocess (a real install:
+the start-up hook, not an in-process import, makes `output_qp` known)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import tiny_models
+from mergekit_qp import qp
+from mergekit_qp.calibrate import CalibrationSettings, expert_statistics
+from mergekit_qp.diagnostic import Checkpoint, linear_diagnostic
+
+
+def executable(name: str) -> str:
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    import shutil
+
+    found = shutil.which(name)
+    assert found, f"{name} is not installed: run `pip install .` first"
+    return found
+
+
+def run(args, cache: Path, *, env_extra=None, check=True) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update({"MERGEKIT_QP_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    env.update(env_extra or {})
+    result = subprocess.run(args, capture_output=True, text=True, env=env, cwd=str(cache.parent))
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{result.stderr[-4000:]}")
+    return result
+
+
+def merge(paths, method, out: Path, cache: Path, **kwargs):
+    config = tiny_models.write_config(out.with_suffix(".yml"), paths, method, **kwargs)
+    return run([executable("mergekit-yaml"), str(config), str(out)], cache)
+
+
+@pytest.fixture(scope="module", params=["llama", "bert"])
+def merged(request, tmp_path_factory):
+    kind = request.param
+    root = tmp_path_factory.mktemp(kind)
+    paths = tiny_models.build(kind, root)
+    cache = root / "cache"
+    outs = {m: root / f"out_{m}" for m in ("output_qp", "ties", "task_arithmetic")}
+    for method, out in outs.items():
+        merge(paths, method, out, cache)
+    return kind, paths, cache, outs
+
+
+def statistics(paths, cache):
+    settings = CalibrationSettings(cache_dir=str(cache))
+    return [
+        expert_statistics(str(paths[e]), str(paths["base"]), str(paths[c]), settings, torch.device("cpu"))
+        for e, c in (("expert_a", "calib_a"), ("expert_b", "calib_b"))
+    ]
+
+
+def test_merged_model_loads_and_runs(merged):
+    from transformers import AutoModel
+
+    kind, paths, cache, outs = merged
+    model = AutoModel.from_pretrained(outs["output_qp"], local_files_only=True)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[2, 7, 9, 11, 3]]))
+    assert torch.isfinite(out.last_hidden_state).all()
+
+
+def test_calibration_objective_is_no_larger_than_builtin_methods(merged):
+    kind, paths, cache, outs = merged
+    stats = statistics(paths, cache)
+    experts = [str(paths["expert_a"]), str(paths["expert_b"])]
+    rho = {
+        method: linear_diagnostic(str(paths["base"]), experts, stats, str(out), [1.0, 1.0]).rho
+        for method, out in outs.items()
+    }
+    # Full basis: the optimum of the objective up to the tiny default ridge.
+    assert rho["output_qp"] >= rho["ties"] - 1e-6, rho
+    assert rho["output_qp"] >= rho["task_arithmetic"] - 1e-6, rho
+    assert 0 < rho["output_qp"] <= 1
+
+
+def test_merged_tensor_equals_an_independent_solve(merged):
+    """One projection of the written model equals the QP solved here from the cached Grams,
+    bias included in homogeneous coordinates where the layer has one."""
+    kind, paths, cache, outs = merged
+    stats = statistics(paths, cache)
+    module = "model.layers.1.self_attn.o_proj" if kind == "llama" else "encoder.layer.1.attention.output.dense"
+    base, out = Checkpoint(str(paths["base"])), Checkpoint(str(outs["output_qp"]))
+    experts = [Checkpoint(str(paths[e])) for e in ("expert_a", "expert_b")]
+    w0 = base.get(f"{module}.weight").double()
+    deltas = [e.get(f"{module}.weight").double() - w0 for e in experts]
+    grams = [s.lookup(module).gram.double() for s in stats]
+    b0 = base.get(f"{module}.bias")
+    if b0 is not None:
+        deltas = [torch.cat([d, (e.get(f"{module}.bias").double() - b0.double())[:, None]], 1)
+                  for d, e in zip(deltas, experts)]
+        grams = [
+            torch.cat([torch.cat([g, s.lookup(module).mean.double()[:, None]], 1),
+                       torch.cat([s.lookup(module).mean.double(), torch.ones(1, dtype=torch.float64)])[None]], 0)
+            for g, s in zip(grams, stats)
+        ]
+    update = qp.full_update(deltas, grams, [1.0, 1.0], 1e-4).double()
+    d = w0.shape[1]
+    torch.testing.assert_close(out.get(f"{module}.weight").double(), w0 + update[:, :d], rtol=1e-5, atol=1e-6)
+    if b0 is not None:
+        torch.testing.assert_close(out.get(f"{module}.bias").double(), b0.double() + update[:, d], rtol=1e-5, atol=1e-6)
+
+
+def test_second_merge_reuses_cached_statistics(merged, tmp_path):
+    kind, paths, cache, outs = merged
+    before = sorted(p.name for p in cache.iterdir())
+    result = merge(paths, "output_qp", tmp_path / "diag", cache, parameters={"basis": "diagonal", "ridge": 0.01})
+    assert sorted(p.name for p in cache.iterdir()) == before
+    assert "output_qp statistics" not in result.stderr  # no forward pass, no progress bar
+
+
+def test_bert_needs_and_gets_the_plan_tensor_fix(tmp_path):
+    paths = tiny_models.build("bert", tmp_path / "bert")
+    config = tiny_models.write_config(tmp_path / "ties.yml", paths, "ties")
+    cache = tmp_path / "cache"
+    broken = run([executable("mergekit-yaml"), str(config), str(tmp_path / "a")], cache,
+                 env_extra={"MERGEKIT_QP_NO_AUTOLOAD": "1"}, check=False)
+    if broken.returncode == 0:
+        pytest.fail("mergekit no longer crashes on BERT aliases: the version-gated fix can go")
+    assert "can only concatenate list" in broken.stderr
+    run([executable("mergekit-yaml"), str(config), str(tmp_path / "b")], cache)
+    assert (tmp_path / "b" / "config.json").exists()
+
+
+def test_opt_out_and_explicit_command(tmp_path):
+    paths = tiny_models.build("llama", tmp_path / "llama")
+    config = tiny_models.write_config(tmp_path / "qp.yml", paths, "output_qp")
+    cache = tmp_path / "cache"
+    off = {"MERGEKIT_QP_NO_AUTOLOAD": "1"}
+    result = run([executable("mergekit-yaml"), str(config), str(tmp_path / "a")], cache, env_extra=off, check=False)
+    assert result.returncode != 0 and "Unimplemented merge method output_qp" in result.stderr
+    run([executable("mergekit-qp"), "yaml", str(config), str(tmp_path / "b")], cache, env_extra=off)
+    assert (tmp_path / "b" / "model.safetensors").exists()
+
+
+def run_in_process(config: Path, out: Path, cache: Path):
+    """mergekit-yaml's own click command, in this process (the checks below need no hook)."""
+    from click.testing import CliRunner
+    from mergekit.scripts.run_yaml import main
+
+    import mergekit_qp
+
+    mergekit_qp.register()
+    os.environ["MERGEKIT_QP_CACHE"] = str(cache)
+    return CliRunner().invoke(main, [str(config), str(out)])
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return tiny_models.build("llama", tmp_path_factory.mktemp("llama-config"))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"parameters": {"rigde": 0.1}}, "unknown parameter 'rigde' in parameters; did you mean 'ridge'?"),
+        ({"model_parameters": {"wieght": 2.0}}, "unknown parameter 'wieght' in models[0]"),
+        ({"parameters": {"basis": "rank-0"}}, "invalid basis 'rank-0'"),
+        ({"parameters": {"ridge": -1.0}}, "ridge must be ≥ 0"),
+        ({"parameters": {"nonneg": True}}, "nonneg / sum_to_one apply to basis: task only"),
+        ({"parameters": {"fallback": "ties"}}, "invalid fallback 'ties'"),
+        ({"parameters": {"calibration_samples": 0}}, "calibration_samples must be ≥ 1"),
+    ],
+)
+def test_bad_configuration_fails_before_writing_anything(tmp_path, llama, change, message):
+    config = tiny_models.write_config(tmp_path / "qp.yml", llama, "output_qp", **change)
+    out = tmp_path / "out"
+    result = run_in_process(config, out, tmp_path / "cache")
+    assert result.exit_code != 0
+    assert message in str(result.exception)
+    assert not out.exists()
+    assert not (tmp_path / "cache").exists()  # failed before any forward pass
+
+
+def test_slices_that_do_not_line_up_are_rejected(tmp_path, llama):
+    calib = {"calibration": str(llama["calib_a"])}
+    config = {
+        "merge_method": "output_qp",
+        "base_model": str(llama["base"]),
+        "slices": [
+            {"sources": [
+                {"model": str(llama["base"]), "layer_range": [0, 1]},
+                {"model": str(llama["expert_a"]), "layer_range": [1, 2], "parameters": calib},
+            ]},
+        ],
+        "dtype": "float32",
+    }
+    path = tmp_path / "slices.yml"
+    path.write_text(yaml.safe_dump(config))
+    result = run_in_process(path, tmp_path / "out", tmp_path / "cache")
+    assert result.exit_code != 0
+    assert "slices do not line up" in str(result.exception) and "expert_a" in str(result.exception)
