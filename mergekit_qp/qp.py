@@ -33,14 +33,14 @@ _F64 = torch.float64
 _MAX_ENUMERATED_TASKS = 12
 
 
+# Eigenvalues below _rtol(n) × the largest count as zero in the pseudo-inverse. A Cholesky
+# pivot below _pivot_tol(n) × its diagonal entry means "numerically singular": rank-deficient
+# PSD matrices often factorise "successfully" with pivots ~1e-12 of their diagonal.
 def _rtol(n: int) -> float:
-    """Eigenvalues below this share of the largest count as rounding noise (pseudo-inverse)."""
     return 64 * max(n, 1) * torch.finfo(_F64).eps
 
 
 def _pivot_tol(n: int) -> float:
-    """Cholesky pivots below this share of their diagonal entry mean "numerically singular":
-    a rank-deficient PSD matrix often factorises with pivots of ~1e-12 of their diagonal."""
     return 1e4 * max(n, 1) * torch.finfo(_F64).eps
 
 
@@ -121,10 +121,12 @@ def _solve_dev(A: torch.Tensor, R: torch.Tensor, lam: float) -> torch.Tensor:
     L, info = torch.linalg.cholesky_ex(H)
     pivots = L.diagonal(dim1=-2, dim2=-1) ** 2
     ok = (info == 0) & (pivots > _pivot_tol(n) * H.diagonal(dim1=-2, dim2=-1)).all(-1)
-    X = torch.empty_like(R)
-    if bool(ok.any()):
-        X[ok] = torch.cholesky_solve(R[ok].mT, L[ok]).mT
-    if not bool(ok.all()):
+    if bool(ok.all()):  # the usual case; no masked copies of (possibly large) H and L
+        X = torch.cholesky_solve(R.mT, L).mT
+    else:
+        X = torch.empty_like(R)
+        if bool(ok.any()):
+            X[ok] = torch.cholesky_solve(R[ok].mT, L[ok]).mT
         mu, V = torch.linalg.eigh(H[~ok])
         keep = mu > _rtol(n) * mu.amax(-1, keepdim=True).clamp(min=0)
         inv = torch.where(keep, 1 / torch.where(keep, mu, 1.0), 0.0)
@@ -169,7 +171,7 @@ def _low_rank_parts(task_vectors, grams, weights, ridge):
     mean, G, R, lam, wsum = _full_stats(task_vectors, grams, weights, ridge)
     full = mean + _solve_dev(G, R, lam)
     L = _sqrt_factor(G + lam * torch.eye(G.shape[0], dtype=_F64, device=G.device))
-    U, S, _ = torch.linalg.svd(full, full_matrices=False)
+    U, S, _ = torch.linalg.svd(full @ L, full_matrices=False)
     return full, U, S, wsum
 
 
@@ -234,8 +236,9 @@ def featurewise_affine_update(scale_deltas, bias_deltas, second_moments, first_m
                               ridge: float = 0.0):
     """Norm layers y_j = γ_j x̃_j + β_j: per feature j a weighted least squares for
     (Δγ_j, Δβ_j) with per-task Gram [[E x̃², E x̃], [E x̃, 1]], ridge centred on the weighted
-    averages with λ = ridge · mean_j Σk ωk E x̃²_kj. Without biases (RMSNorm) it is the
-    1-parameter rule Δγ_j = (Σ ωk m2kj Δγkj + λ Δγ̄j) / (Σ ωk m2kj + λ).
+    averages with λ = ridge · mean_j Σk ωk E x̃²_kj, solved as d batched 2×2 systems. Without
+    biases (RMSNorm; first_moments is then unused and may be None) it is the 1-parameter
+    rule Δγ_j = (Σ ωk m2kj Δγkj + λ Δγ̄j) / (Σ ωk m2kj + λ).
     Returns (scale_update, bias_update or None)."""
     vs, w, _, dev, (d,) = _validate(scale_deltas, weights, ndim=1, name="scale_deltas")
     K = len(vs)

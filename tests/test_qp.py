@@ -26,7 +26,7 @@ def _one_thread():
 
 
 # -- problem generation and brute-force references -------------------------------------------------
-def make_problem(seed, m, d, nks, weights, kind="plain", scale=1.0):
+def make_problem(seed, m, d, nks, weights, kind="plain"):
     """Explicit inputs Xk (nk×d, float64) and float32 task vectors; Grams Gk = XkᵀXk/nk."""
     g = torch.Generator().manual_seed(seed)
     xs = []
@@ -37,7 +37,7 @@ def make_problem(seed, m, d, nks, weights, kind="plain", scale=1.0):
         if kind == "scaled":  # badly scaled columns, condition numbers up to ~1e16
             x = x * 10 ** (8 * torch.rand(d, generator=g, dtype=F64) - 4)
         xs.append(x)
-    deltas = [(scale * torch.randn(m, d, generator=g, dtype=F64)).float() for _ in nks]
+    deltas = [torch.randn(m, d, generator=g, dtype=F64).float() for _ in nks]
     grams = [x.T @ x / x.shape[0] for x in xs]
     return xs, deltas, grams, list(weights)
 
@@ -142,6 +142,30 @@ def test_full_update_singular_is_closest_to_mean():
     assert_close_to(ours0, brute_full(xs, deltas, weights, 0.0, centred=True), rtol=1e-6)
     # the uncentred minimum-norm solution would put 0 in the unexcited column instead
     assert float(brute_full(xs, deltas, weights, 0.0)[:, 1].abs().max()) < 1e-10 < float(mean[:, 1].abs().max())
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_full_update_numerically_singular(seed):
+    """Fewer samples than features: Ĝ is singular only up to rounding, so a Cholesky
+    factorisation may "succeed" with tiny pivots; the null space of the data must still
+    keep Δ̄ instead of amplified rounding noise."""
+    xs, deltas, grams, weights = make_problem(100 + seed, 3, 9, [3, 2, 2], [1.0, 2.0, 0.7])
+    null = torch.linalg.svd(torch.cat(xs))[2][7:].T  # 9×2 basis of the unexcited directions
+    mean = mean_delta(deltas, weights)
+    ours = qp.full_update(deltas, grams, weights, 0.0).double()
+    assert_close_to(ours @ null, mean @ null, rtol=1e-5)
+    assert_close_to(ours, brute_full(xs, deltas, weights, 0.0, centred=True), rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_full_update_singular_and_badly_scaled(seed):
+    """A duplicated column plus column scales over 4 decades (Ĝ's eigenvalues span ~1e12):
+    the pseudo-inverse must drop only the true null direction, not the small-but-real ones."""
+    xs, deltas, _, weights = make_problem(200 + seed, 3, 6, [5, 6, 4], [1.0, 0.5, 2.0], kind="dup")
+    xs = [x * torch.logspace(-2, 2, 6, dtype=F64) for x in xs]
+    grams = [x.T @ x / x.shape[0] for x in xs]
+    ours = qp.full_update(deltas, grams, weights, 0.0).double()
+    assert_close_to(ours, brute_full(xs, deltas, weights, 0.0, centred=True), rtol=1e-5)
 
 
 # -- special cases, every basis ------------------------------------------------------------------------

@@ -1,0 +1,245 @@
+"""Cost of `output_qp` against `ties`, measured in the same run on the same models.
+
+For each model size it builds a Llama base and two experts (base plus low-rank updates) with
+pre-tokenised calibration data, then runs, each in a fresh process: `ties`, `output_qp` with an
+empty statistics cache (forward passes included) and `output_qp` again (statistics cached).
+It reports merge wall time and peak resident memory as ratios to `ties`, and the statistics
+pass against a plain forward pass over the same tokens. Results: benchmarks/results/perf.{json,md}.
+
+    python benchmarks/perf.py            # three sizes, ~10 min on 2 cores
+    python benchmarks/perf.py --smoke    # one tiny size, for tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+# (name, hidden, layers, heads, ffn, vocab)
+SIZES = [
+    ("S", 128, 2, 4, 352, 2048),
+    ("M", 256, 4, 4, 704, 4096),
+    ("L", 512, 4, 8, 1408, 4096),
+]
+SMOKE = [("XS", 64, 2, 4, 176, 512)]
+
+RUNNER = r"""
+import json, os, resource, sys, time
+import yaml
+import mergekit_qp
+mergekit_qp.register()
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+config = MergeConfiguration.model_validate(yaml.safe_load(open(sys.argv[1])))
+start = time.perf_counter(); cpu = time.process_time()
+run_merge(config, sys.argv[2], options=MergeOptions(quiet=True, copy_tokenizer=False))
+print(json.dumps({"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def build(root: Path, hidden, layers, heads, ffn, vocab, samples, seq_len) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=heads, max_position_embeddings=max(seq_len, 128),
+                         tie_word_embeddings=False)
+    paths = {}
+    for name, seed in (("base", None), ("expert_a", 1), ("expert_b", 2)):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        if seed is not None:
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.ndim == 2:
+                        update = torch.randn(p.shape[0], 8, generator=g) @ torch.randn(8, p.shape[1], generator=g)
+                        p += 0.02 * p.std() * update / 8
+        model.save_pretrained(root / name, safe_serialization=True)
+        paths[name] = root / name
+    g = torch.Generator().manual_seed(3)
+    for name in ("calib_a", "calib_b"):
+        with open(root / f"{name}.jsonl", "w") as fp:
+            for _ in range(samples):
+                ids = torch.randint(0, vocab, (seq_len,), generator=g).tolist()
+                fp.write(json.dumps({"input_ids": ids}) + "\n")
+        paths[name] = root / f"{name}.jsonl"
+    params = sum(p.numel() for p in model.parameters())
+    return {"paths": paths, "params": params}
+
+
+def write_config(path: Path, paths: dict, method: str, samples: int, seq_len: int) -> Path:
+    import yaml
+
+    models = []
+    for expert, calib in (("expert_a", "calib_a"), ("expert_b", "calib_b")):
+        p = {"calibration": str(paths[calib])} if method == "output_qp" else {"weight": 1.0, "density": 0.5}
+        models.append({"model": str(paths[expert]), "parameters": p})
+    config = {"merge_method": method, "base_model": str(paths["base"]), "models": models, "dtype": "float32"}
+    if method == "output_qp":
+        config["parameters"] = {"calibration_samples": samples, "calibration_seq_len": seq_len}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_merge_process(config: Path, out: Path, cache: Path) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    env = dict(os.environ, MERGEKIT_QP_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", RUNNER, str(config), str(out)],
+                            capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"merge failed for {config}:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def forward_ratio(model_dir: Path, calib: Path, samples: int, seq_len: int, reps: int) -> dict:
+    """Statistics pass over the calibration tokens against a plain forward pass (median of reps)."""
+    from mergekit_qp.calibrate import load_model
+    from mergekit_qp.calibration import CalibrationSource, batches, load_records, tokenize_calibration
+    from mergekit_qp.statistics import StatisticsCollector
+
+    model = load_model(str(model_dir), torch.device("cpu"))
+    sequences = tokenize_calibration(load_records(CalibrationSource(str(calib))), None,
+                                     samples=samples, seq_len=seq_len)
+    batch_list = list(batches(sequences, max_tokens=4096))
+
+    def plain():
+        with torch.no_grad():
+            for ids, mask in batch_list:
+                model(input_ids=ids, attention_mask=mask.long())
+
+    def with_statistics():
+        collector = StatisticsCollector(model)
+        for ids, mask in batch_list:
+            collector.observe(ids, mask)
+        collector.tensors()
+        collector.close()
+
+    timings = {"forward_s": [], "statistics_s": []}
+    plain(), with_statistics()  # warm-up: first passes on new shapes are slower
+    for _ in range(reps):
+        for key, fn in (("forward_s", plain), ("statistics_s", with_statistics)):
+            start = time.perf_counter()
+            fn()
+            timings[key].append(time.perf_counter() - start)
+    forward, stats = statistics.median(timings["forward_s"]), statistics.median(timings["statistics_s"])
+    return {"forward_s": forward, "statistics_s": stats, "ratio": stats / forward,
+            "tokens": sum(len(s) for s in sequences)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="one tiny size, no result files")
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=2, help="merge repetitions (fastest kept)")
+    parser.add_argument("--workdir", type=Path, default=HERE / ".work" / "perf")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    sizes = SMOKE if args.smoke else SIZES
+    samples = 8 if args.smoke else args.samples
+    seq_len = 32 if args.smoke else args.seq_len
+    reps = 1 if args.smoke else args.reps
+
+    rows = []
+    for name, hidden, layers, heads, ffn, vocab in sizes:
+        root = args.workdir / name
+        shutil.rmtree(root, ignore_errors=True)
+        built = build(root, hidden, layers, heads, ffn, vocab, samples, seq_len)
+        paths = built["paths"]
+        configs = {m: write_config(root / f"{m}.yml", paths, m, samples, seq_len) for m in ("ties", "output_qp")}
+        cache = root / "cache"
+        runs = {"ties": [], "output_qp_computed": [], "output_qp_cached": []}
+        for _ in range(reps):
+            runs["ties"].append(run_merge_process(configs["ties"], root / "out_ties", cache))
+            shutil.rmtree(cache, ignore_errors=True)
+            runs["output_qp_computed"].append(run_merge_process(configs["output_qp"], root / "out_qp", cache))
+            runs["output_qp_cached"].append(run_merge_process(configs["output_qp"], root / "out_qp", cache))
+        best = {k: min(v, key=lambda r: r["wall_s"]) for k, v in runs.items()}
+        forward = forward_ratio(paths["expert_a"], paths["calib_a"], samples, seq_len, reps=1 if args.smoke else 3)
+        row = {
+            "size": name, "hidden": hidden, "layers": layers, "ffn": ffn, "vocab": vocab,
+            "params": built["params"], "calibration": f"2 experts x {samples} samples x {seq_len} tokens",
+            **{f"{k}_wall_s": v["wall_s"] for k, v in best.items()},
+            **{f"{k}_cpu_s": v["cpu_s"] for k, v in best.items()},
+            **{f"{k}_peak_rss_mb": v["peak_rss_mb"] for k, v in best.items()},
+            "computed_wall_ratio": best["output_qp_computed"]["wall_s"] / best["ties"]["wall_s"],
+            "cached_wall_ratio": best["output_qp_cached"]["wall_s"] / best["ties"]["wall_s"],
+            "computed_rss_ratio": best["output_qp_computed"]["peak_rss_mb"] / best["ties"]["peak_rss_mb"],
+            "cached_rss_ratio": best["output_qp_cached"]["peak_rss_mb"] / best["ties"]["peak_rss_mb"],
+            "statistics_vs_forward": forward["ratio"],
+            "forward_s": forward["forward_s"], "statistics_s": forward["statistics_s"],
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    table = render(rows)
+    print(table)
+    if not args.smoke:
+        args.out.mkdir(parents=True, exist_ok=True)
+        meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
+                "threads": torch.get_num_threads(), "reps": reps}
+        (args.out / "perf.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        (args.out / "perf.md").write_text(table + "\n")
+        plot(rows, args.out / "perf.png")
+
+
+def render(rows) -> str:
+    lines = [
+        "| size | params | ties merge s | output_qp computed s (× ties) | output_qp cached s (× ties) "
+        "| peak RSS MB ties / computed / cached | statistics pass ÷ forward |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['size']} (h{r['hidden']}×{r['layers']}) | {r['params'] / 1e6:.1f} M | {r['ties_wall_s']:.2f} "
+            f"| {r['output_qp_computed_wall_s']:.2f} ({r['computed_wall_ratio']:.2f}×) "
+            f"| {r['output_qp_cached_wall_s']:.2f} ({r['cached_wall_ratio']:.2f}×) "
+            f"| {r['ties_peak_rss_mb']:.0f} / {r['output_qp_computed_peak_rss_mb']:.0f} / "
+            f"{r['output_qp_cached_peak_rss_mb']:.0f} | {r['statistics_vs_forward']:.2f}× |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    x = [r["params"] / 1e6 for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for key, label in (("ties_wall_s", "ties"), ("output_qp_computed_wall_s", "output_qp (statistics computed)"),
+                       ("output_qp_cached_wall_s", "output_qp (statistics cached)")):
+        ax.plot(x, [r[key] for r in rows], marker="o", label=label)
+    ax.set_xlabel("model parameters (M)")
+    ax.set_ylabel("merge wall time (s)")
+    ax.set_xscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
