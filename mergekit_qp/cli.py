@@ -28,3 +28,17 @@ def yaml_command(ctx: click.Context) -> None:
     from mergekit.scripts.run_yaml import main as run_yaml
 
     run_yaml.main(args=list(ctx.args), prog_name="mergekit-qp yaml")
+
+
+@main.command(
+    "demo",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.pass_context
+def demo_command(ctx: click.Context) -> None:
+    """Build tiny models, merge them with output_qp, ties, dare_ties and task_arithmetic through
+    mergekit-yaml, and print held-out loss per domain (options: see `mergekit-qp demo --help`)."""
+    from .demo import main as demo_main
+
+    raise SystemExit(demo_main(list(ctx.args)))

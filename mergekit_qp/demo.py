@@ -34,7 +34,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -50,6 +50,7 @@ __all__ = [
     "build_demo",
     "domain_documents",
     "heldout_loss",
+    "merge_config_dict",
     "write_merge_config",
     "run_merge",
     "run_comparison",
@@ -59,22 +60,25 @@ __all__ = [
 ]
 
 DOMAINS: Tuple[str, ...] = ("code", "prose", "table")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MARKER_NAME = "demo_assets.json"
 
 # Built-in methods compared by default and their per-model parameters.  ties/dare_ties: every
 # expert at weight 1 keeping half of its task vector (mergekit normalises the weights of
-# ties-style merges by default).  task_arithmetic: base + 0.5 * sum of task vectors -- with
-# three experts that is 1.5x the average update, between plain averaging (1/3) and a full sum
-# (1.0), the usual range for the task-arithmetic scaling factor.
-DEFAULT_METHODS: Tuple[str, ...] = ("task_arithmetic", "ties", "dare_ties")
+# ties-style merges by default, so the weight only matters relative to the others).
+# task_arithmetic: base + (1/3) * sum of the three task vectors, i.e. the average update --
+# on the demo models the best of the scalings 1/3, 0.5 and 1.0 (1.0, the plain sum, is much
+# worse); it equals a uniform `linear` merge here.
+DEFAULT_METHODS: Tuple[str, ...] = ("output_qp", "task_arithmetic", "ties", "dare_ties")
 DEFAULT_METHOD_PARAMETERS: Dict[str, Dict[str, Any]] = {
     "linear": {"weight": 1.0},
-    "task_arithmetic": {"weight": 0.5},
+    "task_arithmetic": {"weight": 1 / 3},
     "ties": {"weight": 1.0, "density": 0.5},
     "dare_ties": {"weight": 1.0, "density": 0.5},
-    "dare_linear": {"weight": 0.5, "density": 0.5},
-    "breadcrumbs": {"weight": 0.5, "density": 0.9, "gamma": 0.01},
+    # each expert calibrated on the train split of its own domain
+    "output_qp": {"calibration": "{calibration}"},
+    "dare_linear": {"weight": 1 / 3, "density": 0.5},
+    "breadcrumbs": {"weight": 1 / 3, "density": 0.9, "gamma": 0.01},
     "breadcrumbs_ties": {"weight": 1.0, "density": 0.9, "gamma": 0.01},
 }
 # Methods whose config takes no base_model.
@@ -364,7 +368,18 @@ def _train_tokenizer(texts: List[str], settings: DemoSettings, out_dir: Path):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", model_max_length=settings.context)
     fast.save_pretrained(str(out_dir))
+    _portable_tokenizer_config(out_dir)
     return fast
+
+
+def _portable_tokenizer_config(model_dir: Path) -> None:
+    """transformers 5 writes tokenizer_class "TokenizersBackend", unknown to transformers 4;
+    "PreTrainedTokenizerFast" loads as the same class in both."""
+    cfg_path = Path(model_dir) / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if cfg.get("tokenizer_class") == "TokenizersBackend":
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _encode_stream(tokenizer, texts: Sequence[str]):
@@ -424,6 +439,7 @@ def _save_model(model, tokenizer, out_dir: Path) -> None:
     out_dir.mkdir(parents=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
+    _portable_tokenizer_config(out_dir)
 
 
 def build_demo(workdir: Path, *, quick: bool = False, settings: Optional[DemoSettings] = None,
@@ -589,48 +605,6 @@ def heldout_loss(model_dir: Path, heldout_file: Path, *, max_tokens: int = 32_76
 # --------------------------------------------------------------------------------------
 
 
-def _yaml_scalar(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    # JSON strings are valid YAML double-quoted scalars
-    return json.dumps(str(value), ensure_ascii=False)
-
-
-def _to_yaml(obj: Any, indent: int = 0) -> str:
-    """Tiny YAML emitter for dicts/lists/scalars (avoids a PyYAML dependency here)."""
-    pad = "  " * indent
-    lines: List[str] = []
-    if isinstance(obj, Mapping):
-        for k, v in obj.items():
-            if isinstance(v, Mapping) and v:
-                lines.append(f"{pad}{k}:")
-                lines.append(_to_yaml(v, indent + 1))
-            elif isinstance(v, (list, tuple)) and v:
-                lines.append(f"{pad}{k}:")
-                lines.append(_to_yaml(v, indent + 1))
-            elif isinstance(v, Mapping):
-                lines.append(f"{pad}{k}: {{}}")
-            elif isinstance(v, (list, tuple)):
-                lines.append(f"{pad}{k}: []")
-            else:
-                lines.append(f"{pad}{k}: {_yaml_scalar(v)}")
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            if isinstance(v, (Mapping, list, tuple)) and v:
-                inner = _to_yaml(v, indent + 1).splitlines()
-                lines.append(f"{pad}- {inner[0].lstrip()}")
-                lines.extend(inner[1:])
-            else:
-                lines.append(f"{pad}- {_yaml_scalar(v)}")
-    else:
-        lines.append(f"{pad}{_yaml_scalar(obj)}")
-    return "\n".join(lines)
-
-
 def _fill(value: Any, fields: Mapping[str, str]) -> Any:
     if isinstance(value, str) and "{" in value:
         try:
@@ -692,7 +666,9 @@ def write_merge_config(path: Path, assets: DemoAssets, method: str,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     config = merge_config_dict(assets, method, extra_parameters)
-    path.write_text(f"# mergekit_qp demo: {method}\n" + _to_yaml(config) + "\n", encoding="utf-8")
+    import yaml
+
+    path.write_text(f"# mergekit_qp demo: {method}\n" + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
 
 
@@ -738,10 +714,36 @@ def _ensure_tokenizer(model_dir: Path, tokenizer_dir: Path) -> None:
 
 
 def _row(method: str, kind: str, model_dir: Path, assets: DemoAssets, wall: Optional[float],
-         max_tokens: int) -> Dict[str, Any]:
+         max_tokens: int, rho) -> Dict[str, Any]:
     losses = {d: heldout_loss(model_dir, assets.heldout[d], max_tokens=max_tokens) for d in assets.domains}
     return {"method": method, "kind": kind, "losses": losses,
-            "mean": sum(losses.values()) / len(losses), "wall_s": wall, "model_dir": str(model_dir)}
+            "mean": sum(losses.values()) / len(losses), "wall_s": wall, "model_dir": str(model_dir),
+            "rho": rho(model_dir)}
+
+
+def _calibration_parameters(assets: DemoAssets, workdir: Path) -> Dict[str, Any]:
+    """output_qp's shared settings in the demo: every calibration text, the models' context."""
+    return {"calibration_samples": assets.settings.calibration_samples,
+            "calibration_seq_len": assets.settings.context,
+            "cache_dir": str(workdir / "statistics")}
+
+
+def _rho_function(assets: DemoAssets, workdir: Path):
+    """ρ (residual energy captured on the calibration data, design §3.3) of any model folder,
+    on the same statistics output_qp uses (computed once, then read from the cache)."""
+    import torch
+
+    from .calibrate import CalibrationSettings, expert_statistics
+    from .diagnostic import linear_diagnostic
+
+    params = _calibration_parameters(assets, workdir)
+    settings = CalibrationSettings(samples=params["calibration_samples"], seq_len=params["calibration_seq_len"],
+                                   cache_dir=params["cache_dir"])
+    experts = [str(assets.experts[d]) for d in assets.domains]
+    stats = [expert_statistics(str(assets.experts[d]), str(assets.base), str(assets.calibration[d]), settings,
+                               torch.device("cpu")) for d in assets.domains]
+    return lambda model_dir: linear_diagnostic(str(assets.base), experts, stats, str(model_dir),
+                                               [1.0] * len(experts)).rho
 
 
 def run_comparison(workdir: Path, methods: Sequence[str],
@@ -759,20 +761,23 @@ def run_comparison(workdir: Path, methods: Sequence[str],
     assets = assets or build_demo(workdir, quick=quick, verbose=verbose)
     method_parameters = method_parameters or {}
     rows: List[Dict[str, Any]] = []
+    rho = _rho_function(assets, workdir)
     if include_references:
-        rows.append(_row("base", "reference", assets.base, assets, None, max_tokens))
+        rows.append(_row("base", "reference", assets.base, assets, None, max_tokens, rho))
         for d, path in assets.experts.items():
-            rows.append(_row(f"expert:{d}", "reference", path, assets, None, max_tokens))
+            rows.append(_row(f"expert:{d}", "reference", path, assets, None, max_tokens, rho))
     for method in methods:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in method)
-        config = write_merge_config(workdir / "configs" / f"{safe}.yaml", assets, method,
-                                    method_parameters.get(method))
+        extra = dict(method_parameters.get(method) or {})
+        if (extra.get("merge_method") or method) == "output_qp":
+            extra["parameters"] = {**_calibration_parameters(assets, workdir), **(extra.get("parameters") or {})}
+        config = write_merge_config(workdir / "configs" / f"{safe}.yaml", assets, method, extra)
         out = workdir / "merges" / safe
         if verbose:
             print(f"[demo] mergekit-yaml {config} ...", file=sys.stderr, flush=True)
         wall = run_merge(config, out)
         _ensure_tokenizer(out, assets.tokenizer)
-        rows.append(_row(method, "merge", out, assets, round(wall, 2), max_tokens))
+        rows.append(_row(method, "merge", out, assets, round(wall, 2), max_tokens, rho))
     return rows
 
 
@@ -783,12 +788,13 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
         for d in r["losses"]:
             if d not in domains:
                 domains.append(d)
-    header = ["method", *domains, "mean", "wall s"]
+    header = ["method", *domains, "mean", "rho", "wall s"]
     body = []
     for r in rows:
         cells = [str(r["method"])]
         cells += [f"{r['losses'][d]:.4f}" if d in r["losses"] else "-" for d in domains]
         cells.append(f"{r['mean']:.4f}")
+        cells.append("-" if r.get("rho") is None else f"{r['rho']:.3f}")
         cells.append("-" if r.get("wall_s") is None else f"{r['wall_s']:.1f}")
         body.append(cells)
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
@@ -798,12 +804,14 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
     lines = [fmt(header), "  ".join("-" * w for w in widths)]
     lines += [fmt(c) for c in body]
-    lines.append("(held-out cross-entropy, nats/token, lower is better; wall s = mergekit-yaml run)")
+    lines.append("(held-out cross-entropy, nats/token, lower is better; rho = share of the experts' output "
+                 "change on calibration data that the model keeps, linear layers, higher is better; "
+                 "wall s = mergekit-yaml run)")
     return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mergekit_qp.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="mergekit-qp demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="demo_workdir", help="where models, data and merges go")
     p.add_argument("--quick", action="store_true", help="tiny fast variant (for smoke tests)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
