@@ -8,7 +8,6 @@ re-solves without a single forward pass, while a changed model or data set is re
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import threading
@@ -115,7 +114,8 @@ def load_model(model_dir: str, device: torch.device) -> torch.nn.Module:
     return model.to(device=device, dtype=torch.float32).eval()
 
 
-_memory: Dict[str, ModelStatistics] = {}
+_memory: Dict[str, ModelStatistics] = {}  # by cache key
+_requests: Dict[tuple, ModelStatistics] = {}  # by (model, base, calibration, settings)
 _lock = threading.Lock()
 
 
@@ -130,6 +130,11 @@ def expert_statistics(model, base_model, calibration: Optional[str], settings: C
             f"output_qp: no calibration data for model {model_dir!r}: set `calibration:` in its "
             "parameters (or a default in the top-level parameters)"
         )
+    # merge_group asks once per tensor: hashing the data and stat-ing the model folder each
+    # time would cost more than the solve, so remember the answer for this process.
+    request = (model_dir, base_dir, str(calibration), settings)
+    if (known := _requests.get(request)) is not None:
+        return known
     source = CalibrationSource(path=str(calibration), field=settings.field)
     key = fingerprint({
         "mergekit_qp": __version__,
@@ -142,6 +147,7 @@ def expert_statistics(model, base_model, calibration: Optional[str], settings: C
     })
     with _lock:
         if key in _memory:
+            _requests[request] = _memory[key]
             return _memory[key]
         cache_dir = settings.cache_dir or default_cache_dir()
         path = os.path.join(cache_dir, f"{key}.safetensors")
@@ -149,13 +155,13 @@ def expert_statistics(model, base_model, calibration: Optional[str], settings: C
             try:
                 stats = ModelStatistics(path)
                 LOG.info("output_qp: statistics of %s from cache %s", model_dir, path)
-                _memory[key] = stats
+                _memory[key] = _requests[request] = stats
                 return stats
             except StatisticsError as error:
                 LOG.warning("output_qp: ignoring unusable cache file (%s); recomputing", error)
         _compute(model_dir, base_dir, source, settings, device, path)
         stats = ModelStatistics(path)
-        _memory[key] = stats
+        _memory[key] = _requests[request] = stats
         return stats
 
 

@@ -261,7 +261,7 @@ class OutputQPMerge(GroupMergeMethod):
         method = params["fallback"]
         with self._lock:
             self.fallbacks.append((name, f"{reason}; merged with {method}"))
-        LOG.info("output_qp: %s falls back to %s (%s)", name, method, reason)
+        LOG.warning("output_qp: %s falls back to %s (%s)", name, method, reason)
         base = group.base.tensor
         if method == "base" or not base.is_floating_point():
             return base

@@ -67,9 +67,11 @@ class _Moments:
     gram: Optional[torch.Tensor] = None  # linear: Σ x xᵀ ; norm: Σ x̃² per feature
 
     def add(self, rows: torch.Tensor, full_gram: bool) -> None:
+        # One batch (a few thousand rows) is summed in float32, which is accurate enough there
+        # and several times faster than float64 reductions; batches accumulate in float64.
         rows = rows.float()
-        s = rows.sum(0, dtype=torch.float64)
-        g = (rows.T @ rows).double() if full_gram else rows.pow(2).sum(0, dtype=torch.float64)
+        s = rows.sum(0).double()
+        g = (rows.T @ rows).double() if full_gram else rows.pow(2).sum(0).double()
         if self.sum is None:
             self.sum, self.gram = s, g
         else:
@@ -84,6 +86,7 @@ class StatisticsCollector:
     def __init__(self, model: nn.Module):
         self.model = model
         self._mask: Optional[torch.Tensor] = None
+        self._keep: Optional[torch.Tensor] = None  # flat indices of real tokens, None if no padding
         self._linear: Dict[str, _Moments] = {}
         self._norm: Dict[str, _Moments] = {}
         self._norm_has_bias: Dict[str, bool] = {}
@@ -109,8 +112,11 @@ class StatisticsCollector:
     def _rows(self, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The (tokens × features) rows of a hooked input at unmasked positions, or None."""
         mask = self._mask
-        if x.ndim >= 2 and x.shape[:2] == mask.shape:
-            return x[mask].reshape(-1, x.shape[-1])
+        if x.ndim >= 3 and x.shape[:2] == mask.shape:
+            rows = x.reshape(-1, x.shape[-1]) if x.ndim == 3 else x.reshape(mask.numel(), -1, x.shape[-1])
+            if self._keep is not None:  # padded batch: keep the real tokens only
+                rows = rows.index_select(0, self._keep)
+            return rows.reshape(-1, x.shape[-1])
         # A module that sees tokens in another layout (e.g. routed MoE experts) cannot be
         # told apart from padding: leave it without statistics, so it falls back visibly.
         self._skipped[name] = f"input shape {tuple(x.shape)} does not match the token mask"
@@ -161,6 +167,8 @@ class StatisticsCollector:
     def observe(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """Run one right-padded batch; only positions where attention_mask is true count."""
         self._mask = attention_mask.bool()
+        flat = self._mask.reshape(-1)
+        self._keep = None if bool(flat.all()) else flat.nonzero().squeeze(1)
         self._last_input = self._last_key = None
         try:
             self.model(input_ids=input_ids, attention_mask=attention_mask.long())
