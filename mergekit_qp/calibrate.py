@@ -25,6 +25,7 @@ from .calibration import (
     load_records,
     tokenize_calibration,
 )
+from .statistics import FORMAT_VERSION as STATISTICS_FORMAT
 from .statistics import (
     ModelStatistics,
     StatisticsCollector,
@@ -37,8 +38,9 @@ from .statistics import (
 
 LOG = logging.getLogger("mergekit_qp")
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
-                   "merges.txt", "tokenizer.model", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json",
+                   "special_tokens_map.json")
 WEIGHT_FILES = (".safetensors", ".bin", ".json", ".pt", ".pth")
 
 
@@ -87,13 +89,13 @@ def local_model_path(model) -> str:
 
 
 @lru_cache(maxsize=8)
-def load_tokenizer(model_dir: str):
+def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
     """The base model's tokenizer, or None when the folder has none."""
     from transformers import AutoTokenizer
 
     if not any(os.path.exists(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
         return None
-    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
 
 
 def tokenizer_fingerprint(model_dir: str) -> str:
@@ -101,16 +103,17 @@ def tokenizer_fingerprint(model_dir: str) -> str:
     return bytes_fingerprint(files) if files else "none"
 
 
-def load_model(model_dir: str, device: torch.device) -> torch.nn.Module:
+def load_model(model_dir: str, device: torch.device, trust_remote_code: bool = False) -> torch.nn.Module:
     """The checkpoint as its own transformers class (so module names match tensor names)."""
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True,
+                                                     trust_remote_code=trust_remote_code)
     model_class = next(
         (getattr(transformers, a) for a in (config.architectures or []) if hasattr(transformers, a)),
         transformers.AutoModel,
     )
-    model = model_class.from_pretrained(model_dir, local_files_only=True)
+    model = model_class.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
     return model.to(device=device, dtype=torch.float32).eval()
 
 
@@ -119,8 +122,14 @@ _requests: Dict[tuple, ModelStatistics] = {}  # by (model, base, calibration, se
 _lock = threading.Lock()
 
 
+def forget_requests() -> None:
+    """Make the next request re-check model and data fingerprints (each new merge calls this)."""
+    with _lock:
+        _requests.clear()
+
+
 def expert_statistics(model, base_model, calibration: Optional[str], settings: CalibrationSettings,
-                      device: torch.device) -> ModelStatistics:
+                      device: torch.device, trust_remote_code: bool = False) -> ModelStatistics:
     """Statistics of one expert on its calibration data: from memory, the disk cache, or a
     forward pass (which then fills the cache)."""
     model_dir = local_model_path(model)
@@ -138,6 +147,7 @@ def expert_statistics(model, base_model, calibration: Optional[str], settings: C
     source = CalibrationSource(path=str(calibration), field=settings.field)
     key = fingerprint({
         "mergekit_qp": __version__,
+        "statistics_format": STATISTICS_FORMAT,
         "model": files_fingerprint(model_dir, WEIGHT_FILES),
         "data": calibration_fingerprint(source),
         "tokenizer": tokenizer_fingerprint(base_dir),
@@ -159,23 +169,30 @@ def expert_statistics(model, base_model, calibration: Optional[str], settings: C
                 return stats
             except StatisticsError as error:
                 LOG.warning("output_qp: ignoring unusable cache file (%s); recomputing", error)
-        _compute(model_dir, base_dir, source, settings, device, path)
+        _compute(model_dir, base_dir, source, settings, device, path, trust_remote_code)
         stats = ModelStatistics(path)
         _memory[key] = _requests[request] = stats
         return stats
 
 
-def _compute(model_dir, base_dir, source, settings, device, path) -> None:
+def _compute(model_dir, base_dir, source, settings, device, path, trust_remote_code) -> None:
     from tqdm.auto import tqdm
 
-    tokenizer = load_tokenizer(base_dir)
+    tokenizer = load_tokenizer(base_dir, trust_remote_code)
     records = load_records(source)
     sequences = tokenize_calibration(
         records, tokenizer, samples=settings.samples, seq_len=settings.seq_len,
         seed=settings.seed, source_name=source.path,
     )
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-    model = load_model(model_dir, device)
+    model = load_model(model_dir, device, trust_remote_code)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    longest = max(len(s) for s in sequences)
+    if positions is not None and longest > positions:
+        raise ValueError(
+            f"output_qp: calibration_seq_len gives sequences of {longest} tokens but {model_dir!r} "
+            f"takes at most {positions} positions: set calibration_seq_len ≤ {positions}"
+        )
     vocab = model.get_input_embeddings().num_embeddings if model.get_input_embeddings() is not None else None
     if vocab is not None and max(int(s.max()) for s in sequences) >= vocab:
         raise ValueError(

@@ -42,9 +42,11 @@ class Checkpoint:
         matches = sorted((k for k in self.files if k.endswith("." + wanted) or wanted.endswith("." + k)), key=len)
         return matches[0] if matches else None
 
-    def get(self, wanted: str) -> Optional[torch.Tensor]:
+    def get(self, wanted: str, required: bool = False) -> Optional[torch.Tensor]:
         key = self.name(wanted)
         if key is None:
+            if required:
+                raise KeyError(f"{self.directory} has no tensor {wanted}")
             return None
         with safe_open(os.path.join(self.directory, self.files[key]), "pt") as f:
             return f.get_tensor(key)
@@ -60,8 +62,7 @@ class Diagnostic:
 
     @property
     def rho(self) -> float:
-        energy = self._sum("energy")
-        return 1.0 - self._sum("objective") / energy if energy > 0 else 0.0
+        return qp.energy_captured(self._sum("objective"), self._sum("energy"))
 
     @property
     def rho_by_task(self) -> List[float]:
@@ -69,7 +70,7 @@ class Diagnostic:
         for k in range(len(self.weights)):
             energy = sum(t["energy_per_task"][k] for t in self.tensors)
             objective = sum(t["objective_per_task"][k] for t in self.tensors)
-            out.append(1.0 - objective / energy if energy > 0 else 0.0)
+            out.append(qp.energy_captured(objective, energy))
         return out
 
 
@@ -85,14 +86,14 @@ def linear_diagnostic(base_dir: str, expert_dirs: Sequence[str], statistics: Seq
         if w0 is None or wm is None or w0.ndim != 2:
             continue  # e.g. a tied lm_head: not a tensor of its own
         found = [s.lookup(module) for s in statistics]
-        deltas = [e.get(f"{module}.weight").double() - w0.double() for e in experts]
+        deltas = [e.get(f"{module}.weight", required=True).double() - w0.double() for e in experts]
         grams = [f.gram.double() for f in found]
         update = wm.double() - w0.double()
         b0 = base.get(f"{module}.bias")
         if b0 is not None:
-            deltas = [torch.cat([d, (e.get(f"{module}.bias").double() - b0.double())[:, None]], 1)
+            deltas = [torch.cat([d, (e.get(f"{module}.bias", required=True).double() - b0.double())[:, None]], 1)
                       for d, e in zip(deltas, experts)]
-            update = torch.cat([update, (merged.get(f"{module}.bias").double() - b0.double())[:, None]], 1)
+            update = torch.cat([update, (merged.get(f"{module}.bias", required=True).double() - b0.double())[:, None]], 1)
             grams = [augmented_gram(g, f.mean.double()) for g, f in zip(grams, found)]
         obj = qp.objective(update, deltas, grams, list(weights))
         result.tensors.append({

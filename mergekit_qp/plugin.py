@@ -10,8 +10,9 @@ weight). `output_qp` looks up the calibration statistics of each expert for that
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
-import os
+import math
 import re
 import threading
 from dataclasses import dataclass
@@ -36,7 +37,9 @@ LOG = logging.getLogger("mergekit_qp")
 
 METHOD_NAME = "output_qp"
 FALLBACKS = ("linear", "task_arithmetic", "base")
-SUPPORTED_MERGEKIT = ("0.1.5",)
+# Settings of the forward passes: one value for the whole merge, so plain top-level scalars.
+CALIBRATION_SETTINGS = ("calibration_field", "calibration_samples", "calibration_seq_len",
+                        "calibration_seed", "cache_dir")
 
 
 def _parameters() -> Tuple[ParameterSpec, ...]:
@@ -95,8 +98,9 @@ def validate_values(params: Dict[str, Any], where: str = "") -> None:
     """Checks of shared values beyond their types; raises ValueError naming the parameter."""
     at = f" ({where})" if where else ""
     basis = Basis.parse(params.get("basis", "full"))
-    if params.get("ridge", 0.0) < 0:
-        raise ValueError(f"output_qp: ridge must be ≥ 0{at}; got {params['ridge']}")
+    ridge = params.get("ridge", 0.0)
+    if not (math.isfinite(ridge) and ridge >= 0):
+        raise ValueError(f"output_qp: ridge must be finite and ≥ 0{at}; got {ridge}")
     for name in ("calibration_samples", "calibration_seq_len"):
         if name in params and params[name] < 1:
             raise ValueError(f"output_qp: {name} must be ≥ 1{at}; got {params[name]}")
@@ -106,8 +110,8 @@ def validate_values(params: Dict[str, Any], where: str = "") -> None:
         )
     if basis.kind != "task" and (params.get("nonneg") or params.get("sum_to_one")):
         raise ValueError(f"output_qp: nonneg / sum_to_one apply to basis: task only{at}")
-    if "weight" in params and params["weight"] <= 0:
-        raise ValueError(f"output_qp: weight must be > 0{at}; got {params['weight']}")
+    if "weight" in params and not (math.isfinite(params["weight"]) and params["weight"] > 0):
+        raise ValueError(f"output_qp: weight must be finite and > 0{at}; got {params['weight']}")
 
 
 class OutputQPMerge(GroupMergeMethod):
@@ -121,10 +125,18 @@ class OutputQPMerge(GroupMergeMethod):
             pretty_name="Output-space QP",
             reference_url="https://arxiv.org/abs/2605.29101",
         )
-        self._pending: Dict[Tuple, torch.Tensor] = {}
         self._lock = threading.Lock()
-        self.fallbacks: List[Tuple[str, str]] = []  # (tensor, reason), for the log and report
-        self.records: List[Dict[str, Any]] = []  # per-tensor diagnostic
+        self.reset()
+
+    def reset(self, vocabulary_permuted: bool = False) -> None:
+        """Forget everything of an earlier merge in this process (called when a merge is planned)."""
+        with self._lock:
+            self._pending: Dict[Tuple, torch.Tensor] = {}  # the other half of a joint weight+bias solve
+            self.fallbacks: List[Tuple[str, str]] = []  # (tensor, reason), for the log and report
+            self.records: List[Dict[str, Any]] = []  # per-tensor diagnostic
+            # mergekit re-orders embedding rows when a tokenizer is merged; token statistics
+            # follow each expert's own order, so they cannot be used then.
+            self.vocabulary_permuted = vocabulary_permuted
 
     # -- the per-tensor entry point -------------------------------------------------------
     def merge_group(self, group: TensorGroup, /, **params: Any) -> torch.Tensor:
@@ -136,8 +148,8 @@ class OutputQPMerge(GroupMergeMethod):
         experts = group.non_base
         weights = [float(params["weight"][e.id]) for e in experts]
         for e, w in zip(experts, weights):
-            if w <= 0:
-                raise ValueError(f"output_qp: weight of {e.id} must be > 0 (tensor {name}); got {w}")
+            if not (math.isfinite(w) and w > 0):
+                raise ValueError(f"output_qp: weight of {e.id} must be finite and > 0 (tensor {name}); got {w}")
         if not base.tensor.is_floating_point():
             return base.tensor
 
@@ -156,6 +168,8 @@ class OutputQPMerge(GroupMergeMethod):
             if kind is NormStats and base.tensor.ndim == 1 and leaf in ("weight", "bias"):
                 return self._norm(group, found, weights, params, part=leaf)
             if kind is EmbeddingStats and base.tensor.ndim == 2:
+                if self.vocabulary_permuted and group.metadata.vocabulary_axis is not None:
+                    raise _ShapeMismatch("embedding rows re-ordered by the tokenizer merge")
                 return self._embedding(group, found, weights, params)
         except _ShapeMismatch as reason:
             return self._fallback(group, weights, params, str(reason))
@@ -168,7 +182,7 @@ class OutputQPMerge(GroupMergeMethod):
         key = (module, tuple(str(e.id) for e in group.entries), _params_key(params))
         with self._lock:
             if (cached := self._pending.pop((key, part), None)) is not None:
-                return cached.to(group.base.tensor.dtype)
+                return cached.to(device=group.base.tensor.device, dtype=group.base.tensor.dtype)
 
         other = "bias" if part == "weight" else "weight"
         partner = partner_tensors(group, f"{module}.{other}")  # None when the layer has no bias
@@ -319,21 +333,34 @@ def _params_key(params: Dict[str, Any]) -> Tuple:
 def check_config(config) -> None:
     """Reject unknown parameter names and bad values of our methods before any work is done.
 
-    mergekit silently ignores parameters a method does not declare, so a misspelt `ridge`
-    would merge with the default: for our methods that is an error naming the place.
+    mergekit silently ignores parameters a method does not declare (and shared parameters
+    written under a model), so a misspelt or misplaced `ridge` would merge with the default:
+    for our methods that is an error naming the place.
     """
     if config.merge_method != METHOD_NAME:
         return
-    places: List[Tuple[str, Optional[Dict[str, Any]]]] = [("parameters", config.parameters)]
-    for i, model in enumerate(config.models or []):
-        places.append((f"models[{i}] ({model.model}) parameters", model.parameters))
-    for i, out_slice in enumerate(config.slices or []):
-        places.append((f"slices[{i}] parameters", out_slice.parameters))
-        for j, source in enumerate(out_slice.sources):
-            places.append((f"slices[{i}].sources[{j}] ({source.model}) parameters", source.parameters))
+    shared_places: List[Tuple[str, Optional[Dict[str, Any]]]] = [("parameters", config.parameters)]
+    expert_places: List[Tuple[str, Optional[Dict[str, Any]]]] = []
+
+    def add_models(prefix, models):
+        for i, model in enumerate(models or []):
+            expert_places.append((f"{prefix}models[{i}] ({model.model}) parameters", model.parameters))
+
+    def add_slices(prefix, slices):
+        for i, out_slice in enumerate(slices or []):
+            shared_places.append((f"{prefix}slices[{i}] parameters", out_slice.parameters))
+            for j, source in enumerate(out_slice.sources):
+                expert_places.append((f"{prefix}slices[{i}].sources[{j}] ({source.model}) parameters", source.parameters))
+
+    add_models("", config.models)
+    add_slices("", config.slices)
     for name, module in (config.modules or {}).items():
-        places.append((f"modules.{name} parameters", module.parameters))
-    for where, settings in places:
+        shared_places.append((f"modules.{name} parameters", module.parameters))
+        add_models(f"modules.{name}.", module.models)
+        add_slices(f"modules.{name}.", module.slices)
+
+    for where, settings in shared_places + expert_places:
+        per_expert_place = (where, settings) in expert_places
         for key, value in (settings or {}).items():
             if key not in PARAMETER_NAMES:
                 close = difflib.get_close_matches(key, PARAMETER_NAMES, n=1)
@@ -342,10 +369,23 @@ def check_config(config) -> None:
                     f"output_qp: unknown parameter {key!r} in {where}{hint} "
                     f"Valid parameters: {', '.join(PARAMETER_NAMES)}"
                 )
+            if per_expert_place and key not in _PER_EXPERT:
+                raise ValueError(
+                    f"output_qp: {key!r} in {where} is a shared parameter, which mergekit would ignore "
+                    f"there: set it in the top-level parameters. Per-model parameters: {', '.join(sorted(_PER_EXPERT))}"
+                )
+            plain = isinstance(value, (bool, int, float, str)) or value is None
+            if key in CALIBRATION_SETTINGS and (where != "parameters" or not plain):
+                raise ValueError(
+                    f"output_qp: {key!r} in {where} must be a plain value in the top-level parameters "
+                    "(one forward pass per expert serves the whole merge)"
+                )
+            if key == "calibration" and not plain:
+                raise ValueError(f"output_qp: calibration in {where} must be a path or dataset name, not {value!r}")
         scalars = {}
         for spec in PARAMETERS:
             value = (settings or {}).get(spec.name)
-            if isinstance(value, (bool, int, float, str)) or value is None and spec.name in (settings or {}):
+            if isinstance(value, (bool, int, float, str)) or (value is None and spec.name in (settings or {})):
                 try:
                     scalars[spec.name] = spec.validate(value)
                 except Exception as error:
@@ -379,7 +419,10 @@ def precompute_statistics(planner) -> None:
     config = planner.config
     if config.merge_method != METHOD_NAME:
         return
-    from .calibrate import CalibrationSettings, expert_statistics
+    from .calibrate import CalibrationSettings, expert_statistics, forget_requests
+
+    METHOD.reset(vocabulary_permuted=config.tokenizer is not None or config.tokenizer_source is not None)
+    forget_requests()  # models or data may have changed since an earlier merge in this process
 
     top = config.parameters or {}
     shared = {}
@@ -397,7 +440,8 @@ def precompute_statistics(planner) -> None:
                 scopes = (source.parameters, out_slice.parameters, module.parameters, config.parameters)
                 calibration = next((s["calibration"] for s in scopes if s and "calibration" in s), None)
                 if calibration is None or isinstance(calibration, str):
-                    expert_statistics(source.model, base, calibration, settings, device)
+                    expert_statistics(source.model, base, calibration, settings, device,
+                                      trust_remote_code=planner.options.trust_remote_code)
 
 
 _patch_lock = threading.Lock()
@@ -405,20 +449,16 @@ _patched = False
 
 
 def patch_mergekit() -> None:
-    """Install the planner patches (idempotent, version-gated)."""
+    """Install the planner patches (idempotent). They touch mergekit's private planner API, so
+    its shape is checked first: a mergekit whose planner differs is refused with a clear error
+    rather than patched blindly."""
     global _patched
-    import mergekit
     from mergekit.plan import MergePlanner
 
     with _patch_lock:
         if _patched:
             return
-        version = getattr(mergekit, "__version__", None) or _distribution_version()
-        if version not in SUPPORTED_MERGEKIT:
-            raise RuntimeError(
-                f"mergekit-qp supports mergekit {', '.join(SUPPORTED_MERGEKIT)}; found {version}. "
-                "Its planner integration touches private API: upgrade mergekit-qp."
-            )
+        check_planner_api(MergePlanner)
         original_normalize = MergePlanner.normalize_config
         original_plan_tensor = MergePlanner.plan_tensor
 
@@ -437,6 +477,27 @@ def patch_mergekit() -> None:
         MergePlanner.normalize_config = normalize_config
         MergePlanner.plan_tensor = plan_tensor
         _patched = True
+
+
+def check_planner_api(planner_class) -> None:
+    """The private planner API the patches rely on, as in mergekit 0.1.5."""
+    import mergekit
+
+    expected = {"normalize_config": ["self"], "plan_tensor": ["self", "weight", "weights_in", "models", "cfg_reader"]}
+    for name, params in expected.items():
+        method = getattr(planner_class, name, None)
+        if method is None or list(inspect.signature(method).parameters) != params:
+            version = getattr(mergekit, "__version__", None) or _distribution_version()
+            raise RuntimeError(
+                f"mergekit {version}: MergePlanner.{name} is not what mergekit-qp {_package_version()} "
+                "expects (written for mergekit 0.1.5); output_qp is disabled. Upgrade mergekit-qp."
+            )
+
+
+def _package_version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 class _ConcatTuple(tuple):
@@ -476,10 +537,24 @@ def register_method() -> None:
         _registered = True
 
 
+def unregister_method() -> None:
+    """Take `output_qp` out again (when mergekit's planner cannot be patched safely)."""
+    global _registered
+    from mergekit.merge_methods import registry
+
+    with _patch_lock:
+        registry._METHODS.pop(METHOD_NAME, None)  # mergekit has no public unregister
+        _registered = False
+
+
 def register() -> None:
     """Make `output_qp` available to mergekit and patch its planner (idempotent)."""
     register_method()
-    patch_mergekit()
+    try:
+        patch_mergekit()
+    except RuntimeError:
+        unregister_method()
+        raise
 
 
 METHOD = OutputQPMerge()

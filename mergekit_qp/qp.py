@@ -359,19 +359,20 @@ class Objective:
     total: float
     energy: float
 
-    @staticmethod
-    def _ratio(total: float, energy: float) -> float:
-        if energy > 0:
-            return 1.0 - total / energy
-        return 1.0 if total == 0 else 0.0
-
     @property
     def rho(self) -> float:
-        return self._ratio(self.total, self.energy)
+        return energy_captured(self.total, self.energy)
 
     @property
     def rho_per_task(self) -> tuple:
-        return tuple(self._ratio(j, e) for j, e in zip(self.per_task, self.energy_per_task))
+        return tuple(energy_captured(j, e) for j, e in zip(self.per_task, self.energy_per_task))
+
+
+def energy_captured(objective_value: float, energy: float) -> float:
+    """ρ = 1 − J/E; where E = 0: 1.0 if J = 0 too, else 0.0 (never ±inf or NaN)."""
+    if energy > 0:
+        return 1.0 - objective_value / energy
+    return 1.0 if objective_value == 0 else 0.0
 
 
 def objective(update, task_vectors, grams, weights) -> Objective:

@@ -153,12 +153,12 @@ def test_write_merge_config(quick_assets, tmp_path):
 
 
 def test_format_table():
-    rows = [{"method": "base", "losses": {"code": 1.0, "prose": 2.0}, "mean": 1.5, "wall_s": None},
-            {"method": "ties", "losses": {"code": 1.25, "prose": 2.5}, "mean": 1.875, "wall_s": 3.21}]
+    rows = [{"method": "base", "losses": {"code": 1.0, "prose": 2.0}, "mean": 1.5, "wall_s": None, "rho": 0.0},
+            {"method": "ties", "losses": {"code": 1.25, "prose": 2.5}, "mean": 1.875, "wall_s": 3.21, "rho": 0.4567}]
     table = demo.format_table(rows)
     lines = table.splitlines()
-    assert lines[0].split() == ["method", "code", "prose", "mean", "wall", "s"]
-    assert "1.2500" in table and "1.8750" in table and "3.2" in table
+    assert lines[0].split() == ["method", "code", "prose", "mean", "rho", "wall", "s"]
+    assert lines[3].split() == ["ties", "1.2500", "2.5000", "1.8750", "0.457", "3.2"]
 
 
 @pytest.mark.slow

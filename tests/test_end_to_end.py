@@ -115,9 +115,9 @@ def test_merged_tensor_equals_an_independent_solve(merged):
 
 def test_second_merge_reuses_cached_statistics(merged, tmp_path):
     kind, paths, cache, outs = merged
-    before = sorted(p.name for p in cache.iterdir())
+    before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
     result = merge(paths, "output_qp", tmp_path / "diag", cache, parameters={"basis": "diagonal", "ridge": 0.01})
-    assert sorted(p.name for p in cache.iterdir()) == before
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == before
     assert "output_qp statistics" not in result.stderr  # no forward pass, no progress bar
 
 
@@ -153,8 +153,7 @@ def run_in_process(config: Path, out: Path, cache: Path):
     import mergekit_qp
 
     mergekit_qp.register()
-    os.environ["MERGEKIT_QP_CACHE"] = str(cache)
-    return CliRunner().invoke(main, [str(config), str(out)])
+    return CliRunner().invoke(main, [str(config), str(out)], env={"MERGEKIT_QP_CACHE": str(cache)})
 
 
 @pytest.fixture(scope="module")
@@ -168,10 +167,13 @@ def llama(tmp_path_factory):
         ({"parameters": {"rigde": 0.1}}, "unknown parameter 'rigde' in parameters; did you mean 'ridge'?"),
         ({"model_parameters": {"wieght": 2.0}}, "unknown parameter 'wieght' in models[0]"),
         ({"parameters": {"basis": "rank-0"}}, "invalid basis 'rank-0'"),
-        ({"parameters": {"ridge": -1.0}}, "ridge must be ≥ 0"),
+        ({"parameters": {"ridge": -1.0}}, "ridge must be finite and ≥ 0"),
         ({"parameters": {"nonneg": True}}, "nonneg / sum_to_one apply to basis: task only"),
         ({"parameters": {"fallback": "ties"}}, "invalid fallback 'ties'"),
         ({"parameters": {"calibration_samples": 0}}, "calibration_samples must be ≥ 1"),
+        ({"parameters": {"ridge": float("nan")}}, "ridge must be finite"),
+        ({"model_parameters": {"ridge": 0.1}}, "'ridge' in models[0]"),
+        ({"parameters": {"calibration_samples": [8, 16]}}, "must be a plain value in the top-level parameters"),
     ],
 )
 def test_bad_configuration_fails_before_writing_anything(tmp_path, llama, change, message):

@@ -158,3 +158,43 @@ def test_non_finite_activations_are_an_error():
     collector = collect(model, [padded(sequences())])
     with pytest.raises(StatisticsError, match="non-finite"):
         collector.tensors()
+
+
+def test_bert_statistics_match_unpadded_reference():
+    """Bidirectional attention: padding only stays out of real tokens' activations through the
+    attention mask; LayerNorm (with bias) moments and position / token-type frequencies too."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=48, max_position_embeddings=64)).eval()
+    seqs = sequences()
+    collector = collect(model, [padded(seqs, pad=7)])
+    tensors = collector.tensors()
+    assert "pooler.dense" in collector.skipped  # one vector per sequence: no token mask fits it
+
+    reference = capture_inputs(model, seqs)
+    n = sum(len(s) for s in seqs)
+    for name, x in reference.items():
+        if name == "pooler.dense":
+            continue
+        key = collector.aliases.get(name, name)
+        torch.testing.assert_close(tensors[f"linear/{key}/gram"].double(), x.T @ x / n, rtol=1e-4, atol=1e-5)
+
+    ln = model.encoder.layer[1].output.LayerNorm
+    inputs = []
+    h = ln.register_forward_pre_hook(lambda m, a: inputs.append(a[0][0]))
+    with torch.no_grad():
+        for s in seqs:
+            model(input_ids=s[None])
+    h.remove()
+    x_tilde = torch.nn.functional.layer_norm(torch.cat(inputs).double(), (32,), eps=ln.eps)
+    prefix = "norm/encoder.layer.1.output.LayerNorm"
+    torch.testing.assert_close(tensors[f"{prefix}/m2"].double(), x_tilde.pow(2).mean(0), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(tensors[f"{prefix}/m1"].double(), x_tilde.mean(0), rtol=1e-4, atol=1e-5)
+
+    positions = torch.cat([torch.arange(len(s)) for s in seqs])
+    expected = torch.bincount(positions, minlength=64).double() / n
+    torch.testing.assert_close(tensors["embedding/embeddings.position_embeddings/freq"].double(), expected)
+    token_types = tensors["embedding/embeddings.token_type_embeddings/freq"]
+    assert token_types[0] == 1 and token_types[1:].sum() == 0

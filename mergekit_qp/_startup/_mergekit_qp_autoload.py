@@ -4,7 +4,9 @@
 Installed as site-packages/_mergekit_qp_autoload.py and run at interpreter start by
 mergekit_qp.pth (Python < 3.15) or mergekit_qp.start (PEP 829, Python >= 3.15). It imports
 nothing heavy: it only waits, on sys.meta_path, for mergekit's merge-method package to be
-imported, then registers the methods; the planner patches wait for mergekit.plan.
+imported, then registers the methods. The planner patches are installed the first time a
+method is looked up with mergekit.plan complete (MergePlanner looks its method up first
+thing), whichever order mergekit's modules were imported in.
 Set MERGEKIT_QP_NO_AUTOLOAD=1 to switch it off (then call mergekit_qp.register() yourself,
 or run `mergekit-qp yaml`).
 """
@@ -12,12 +14,11 @@ or run `mergekit-qp yaml`).
 import os
 import sys
 
-_REGISTER_AFTER = "mergekit.merge_methods"
-_PATCH_AFTER = "mergekit.plan"
+_WATCHED = "mergekit.merge_methods"
 
 
 def _report(error):
-    sys.stderr.write(f"mergekit-qp: could not register its merge methods: {error!r}\n")
+    sys.stderr.write(f"mergekit-qp: output_qp is not available: {error}\n")
 
 
 def _register():
@@ -30,33 +31,38 @@ def _register():
         from mergekit_qp import plugin
 
         plugin.register_method()
-        plan = sys.modules.get(_PATCH_AFTER)
-        if plan is not None and hasattr(plan, "MergePlanner"):
-            plugin.patch_mergekit()
-        else:
-            _Finder.watch[_PATCH_AFTER] = _patch
     except Exception as error:  # never break mergekit itself; say why output_qp is missing
-        _report(error)
+        _report(repr(error))
+        return
+    _patch_before_planning()
 
 
-def _patch():
-    try:
-        from mergekit_qp import plugin
+def _patch_before_planning():
+    methods = sys.modules[_WATCHED]
+    original_get = methods.get
 
-        plugin.patch_mergekit()
-    except Exception as error:
-        _report(error)
+    def get(name):
+        plan = sys.modules.get("mergekit.plan")
+        if plan is not None and hasattr(plan, "MergePlanner"):
+            methods.get = original_get  # once is enough
+            from mergekit_qp import plugin
+
+            try:
+                plugin.patch_mergekit()
+            except Exception as error:  # a planner it cannot patch safely: no output_qp at all
+                plugin.unregister_method()
+                _report(error)
+        return original_get(name)
+
+    methods.get = get
 
 
 class _Finder:
-    """A meta-path finder that finds nothing itself: it wraps the real loader of a watched
-    module so that a callback runs right after the module has executed."""
-
-    watch = {}
+    """A meta-path finder that finds nothing itself: it wraps the real loader of the watched
+    module so that the registration runs right after the module has executed."""
 
     def find_spec(self, name, path=None, target=None):
-        callback = self.watch.get(name)
-        if callback is None:
+        if name != _WATCHED:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -66,16 +72,17 @@ class _Finder:
                 break
         else:
             return None
-        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
             return spec
-        del self.watch[name]
-        original = spec.loader.exec_module
 
         def exec_module(module):
-            original(module)
-            callback()
+            del loader.exec_module  # the loader's own method again, for anything it loads later
+            type(loader).exec_module(loader, module)
+            sys.meta_path[:] = [f for f in sys.meta_path if f is not self]
+            _register()
 
-        spec.loader.exec_module = exec_module
+        loader.exec_module = exec_module
         return spec
 
 
@@ -85,8 +92,7 @@ def install():
         return
     if any(isinstance(f, _Finder) for f in sys.meta_path):
         return
-    if _REGISTER_AFTER in sys.modules:  # installed late (e.g. by hand): register now
+    if _WATCHED in sys.modules:  # installed late (e.g. by hand): register now
         _register()
         return
-    _Finder.watch[_REGISTER_AFTER] = _register
     sys.meta_path.insert(0, _Finder())
