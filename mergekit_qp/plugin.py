@@ -29,7 +29,7 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
-from . import qp
+from . import qp, report
 from .diagnostic import augmented_gram
 from .statistics import EmbeddingStats, LinearStats, ModelStatistics, NormStats
 
@@ -128,12 +128,14 @@ class OutputQPMerge(GroupMergeMethod):
         self._lock = threading.Lock()
         self.reset()
 
-    def reset(self, vocabulary_permuted: bool = False) -> None:
+    def reset(self, vocabulary_permuted: bool = False, report_settings: Optional[Dict] = None) -> None:
         """Forget everything of an earlier merge in this process (called when a merge is planned)."""
         with self._lock:
             self._pending: Dict[Tuple, torch.Tensor] = {}  # the other half of a joint weight+bias solve
-            self.fallbacks: List[Tuple[str, str]] = []  # (tensor, reason), for the log and report
-            self.records: List[Dict[str, Any]] = []  # per-tensor diagnostic
+            self.records: List[Dict[str, Any]] = []  # per tensor: ρ or the fallback, for the report
+            self.tasks: List[str] = []  # the experts, in the order of the records' per-task values
+            # Set while an output_qp merge planned in this process has not written its report.
+            self.report_settings = report_settings
             # mergekit re-orders embedding rows when a tokenizer is merged; token statistics
             # follow each expert's own order, so they cannot be used then.
             self.vocabulary_permuted = vocabulary_permuted
@@ -152,6 +154,7 @@ class OutputQPMerge(GroupMergeMethod):
                 raise ValueError(f"output_qp: weight of {e.id} must be finite and > 0 (tensor {name}); got {w}")
         if not base.tensor.is_floating_point():
             return base.tensor
+        self.tasks = [str(e.id) for e in experts]
 
         stats = statistics_for(base, experts, params, device=base.tensor.device)
         module, _, leaf = name.rpartition(".")
@@ -204,7 +207,8 @@ class OutputQPMerge(GroupMergeMethod):
             grams = [augmented_gram(g, s.mean.to(w0.device, torch.float64)) for g, s in zip(grams, found)]
 
         update = self._solve(deltas, grams, weights, params)
-        self._record(name, update, deltas, grams, weights, params)
+        # One record per linear map (weight and bias solved together), under the weight's name.
+        self._record(f"{module}.weight", update, deltas, grams, weights)
         if bias_group is None:
             return (w0.double() + update).to(w0.dtype)
         new_w = (w0.double() + update[:, :d]).to(w0.dtype)
@@ -274,7 +278,7 @@ class OutputQPMerge(GroupMergeMethod):
         name = group.metadata.name
         method = params["fallback"]
         with self._lock:
-            self.fallbacks.append((name, f"{reason}; merged with {method}"))
+            self.records.append(report.fallback_record(name, f"{reason}; merged with {method}"))
         LOG.warning("output_qp: %s falls back to %s (%s)", name, method, reason)
         base = group.base.tensor
         if method == "base" or not base.is_floating_point():
@@ -285,12 +289,18 @@ class OutputQPMerge(GroupMergeMethod):
             total = total / sum(weights)
         return (base.double() + total).to(base.dtype)
 
-    def _record(self, name, update, deltas, grams, weights, params) -> None:
-        objective = qp.objective(update, deltas, grams, weights)
+    def _record(self, name, update, deltas, grams, weights) -> None:
+        record = report.tensor_record(name, qp.objective(update, deltas, grams, weights), weights)
         with self._lock:
-            self.records.append(
-                {"name": name, "rho": objective.rho, "rho_by_task": list(objective.rho_per_task)}
-            )
+            self.records.append(record)
+
+    def write_report(self, out_path: str) -> None:
+        """merge_report.json / .md of the merge that just finished, into its output folder."""
+        with self._lock:
+            settings, self.report_settings = self.report_settings, None
+            records, tasks = list(self.records), list(self.tasks)
+        if settings is not None:
+            report.write_report(out_path, report.build_report(records, tasks, settings))
 
 
 class _ShapeMismatch(Exception):
@@ -421,7 +431,6 @@ def precompute_statistics(planner) -> None:
         return
     from .calibrate import CalibrationSettings, expert_statistics, forget_requests
 
-    METHOD.reset(vocabulary_permuted=config.tokenizer is not None or config.tokenizer_source is not None)
     forget_requests()  # models or data may have changed since an earlier merge in this process
 
     top = config.parameters or {}
@@ -429,6 +438,8 @@ def precompute_statistics(planner) -> None:
     for spec in PARAMETERS:
         value = top.get(spec.name, spec.default)
         shared[spec.name] = spec.validate(value) if isinstance(value, (bool, int, float, str)) or value is None else spec.default
+    METHOD.reset(vocabulary_permuted=config.tokenizer is not None or config.tokenizer_source is not None,
+                 report_settings={k: v for k, v in shared.items() if k != "cache_dir"})
     settings = CalibrationSettings.from_params(shared)
     device = torch.device(planner.options.device or "cpu")
     for module in config.modules.values():
@@ -476,20 +487,57 @@ def patch_mergekit() -> None:
 
         MergePlanner.normalize_config = normalize_config
         MergePlanner.plan_tensor = plan_tensor
+        _patch_outputs()
         _patched = True
+
+
+def _patch_outputs() -> None:
+    """The report is written when mergekit finalises the output (the last task of the graph),
+    and the model card points to it."""
+    import mergekit.merge
+    from mergekit.io.tasks import FinalizeModel
+
+    original_finalize = FinalizeModel.execute
+    original_card = mergekit.merge.generate_card
+
+    def execute(self, writer, **kwargs):
+        result = original_finalize(self, writer, **kwargs)
+        METHOD.write_report(self.writer_task.out_path)
+        return result
+
+    def generate_card(config, config_yaml, name=None):
+        card = original_card(config, config_yaml, name)
+        if config.merge_method == METHOD_NAME:
+            card += (
+                "\n\n## Residual energy captured\n\nThis model was merged with output_qp (mergekit-qp). "
+                "`merge_report.md` (and `merge_report.json`) list, per layer, task and tensor, the share of "
+                "the experts' output change on the calibration data that the merge keeps.\n"
+            )
+        return card
+
+    FinalizeModel.execute = execute
+    mergekit.merge.generate_card = generate_card
 
 
 def check_planner_api(planner_class) -> None:
     """The private planner API the patches rely on, as in mergekit 0.1.5."""
     import mergekit
 
-    expected = {"normalize_config": ["self"], "plan_tensor": ["self", "weight", "weights_in", "models", "cfg_reader"]}
-    for name, params in expected.items():
-        method = getattr(planner_class, name, None)
+    import mergekit.merge
+    from mergekit.io.tasks import FinalizeModel
+
+    expected = {
+        (planner_class, "normalize_config"): ["self"],
+        (planner_class, "plan_tensor"): ["self", "weight", "weights_in", "models", "cfg_reader"],
+        (FinalizeModel, "execute"): ["self", "writer", "kwargs"],
+        (mergekit.merge, "generate_card"): ["config", "config_yaml", "name"],
+    }
+    for (owner, name), params in expected.items():
+        method = getattr(owner, name, None)
         if method is None or list(inspect.signature(method).parameters) != params:
             version = getattr(mergekit, "__version__", None) or _distribution_version()
             raise RuntimeError(
-                f"mergekit {version}: MergePlanner.{name} is not what mergekit-qp {_package_version()} "
+                f"mergekit {version}: {getattr(owner, '__name__', owner)}.{name} is not what mergekit-qp {_package_version()} "
                 "expects (written for mergekit 0.1.5); output_qp is disabled. Upgrade mergekit-qp."
             )
 

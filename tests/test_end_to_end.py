@@ -113,6 +113,27 @@ def test_merged_tensor_equals_an_independent_solve(merged):
         torch.testing.assert_close(out.get(f"{module}.bias").double(), b0.double() + update[:, d], rtol=1e-5, atol=1e-6)
 
 
+def test_report_agrees_with_an_independent_recomputation(merged):
+    """merge_report.json of a real merge: overall and per-task ρ equal ρ recomputed here from the
+    written checkpoint; every linear weight is listed; the model card points to the report."""
+    import json
+
+    kind, paths, cache, outs = merged
+    report = json.loads((outs["output_qp"] / "merge_report.json").read_text())
+    experts = [str(paths["expert_a"]), str(paths["expert_b"])]
+    recomputed = linear_diagnostic(str(paths["base"]), experts, statistics(paths, cache), str(outs["output_qp"]),
+                                   [1.0, 1.0])
+    assert report["rho"] == pytest.approx(recomputed.rho, abs=1e-5)
+    assert list(report["rho_by_task"]) == experts
+    assert list(report["rho_by_task"].values()) == pytest.approx(recomputed.rho_by_task, abs=1e-5)
+    solved = {t["name"] for t in report["tensors"] if t["fallback"] is None}
+    assert solved == {t["name"] for t in recomputed.tensors}
+    assert [layer["layer"] for layer in report["layers"]][:2] == [0, 1]
+    assert "merge_report.md" in (outs["output_qp"] / "README.md").read_text()
+    assert (outs["output_qp"] / "merge_report.md").read_text().startswith("# output_qp merge report")
+    assert not (outs["ties"] / "merge_report.json").exists()
+
+
 def test_second_merge_reuses_cached_statistics(merged, tmp_path):
     kind, paths, cache, outs = merged
     before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}

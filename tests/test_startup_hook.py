@@ -52,7 +52,7 @@ def test_a_planner_of_another_shape_is_refused():
         def plan_tensor(self, weight, weights_in, models, cfg_reader, extra):
             pass
 
-    with pytest.raises(RuntimeError, match="MergePlanner.plan_tensor .* output_qp is disabled"):
+    with pytest.raises(RuntimeError, match="OtherPlanner.plan_tensor .* output_qp is disabled"):
         plugin.check_planner_api(OtherPlanner)
     from mergekit.plan import MergePlanner
 

@@ -1,0 +1,99 @@
+"""The merge report: residual energy captured (ρ, design §3.3) per tensor, layer, task and
+overall, written next to the merged model as merge_report.json (machines) and
+merge_report.md (people). Aggregates are energy-weighted: ρ = 1 − ΣJ / ΣE over the tensors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Dict, List, Optional, Sequence
+
+from .qp import energy_captured
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def tensor_record(name: str, objective, weights: Sequence[float]) -> Dict:
+    """One solved tensor, from a `qp.Objective` (weighted per-task terms kept for aggregation)."""
+    return {
+        "name": name,
+        "rho": objective.rho,
+        "rho_by_task": list(objective.rho_per_task),
+        "fallback": None,
+        "objective_by_task": [w * j for w, j in zip(weights, objective.per_task)],
+        "energy_by_task": [w * e for w, e in zip(weights, objective.energy_per_task)],
+    }
+
+
+def fallback_record(name: str, reason: str) -> Dict:
+    return {"name": name, "rho": None, "rho_by_task": None, "fallback": reason}
+
+
+def _aggregate(records: Sequence[Dict], tasks: Sequence[str]) -> Dict:
+    solved = [r for r in records if r["fallback"] is None]
+    objective = [sum(r["objective_by_task"][k] for r in solved) for k in range(len(tasks))]
+    energy = [sum(r["energy_by_task"][k] for r in solved) for k in range(len(tasks))]
+    return {
+        "rho": energy_captured(sum(objective), sum(energy)),
+        "rho_by_task": {t: energy_captured(j, e) for t, j, e in zip(tasks, objective, energy)},
+    }
+
+
+def build_report(records: Sequence[Dict], tasks: Sequence[str], settings: Optional[Dict] = None) -> Dict:
+    """The report as a dict: top-level `rho`, `rho_by_task`, `layers`, `tensors`."""
+    by_layer: Dict[str, List[Dict]] = {}
+    for r in records:
+        match = _LAYER.search(r["name"])
+        by_layer.setdefault(match.group(1) if match else "other", []).append(r)
+    order = sorted(by_layer, key=lambda k: (k == "other", int(k) if k.isdigit() else 0))
+    report = {
+        **_aggregate(records, tasks),
+        "tasks": list(tasks),
+        "settings": settings or {},
+        "layers": [{"layer": int(k) if k.isdigit() else k, **_aggregate(by_layer[k], tasks)} for k in order],
+        "tensors": [
+            {"name": r["name"], "rho": r["rho"],
+             "rho_by_task": dict(zip(tasks, r["rho_by_task"])) if r["rho_by_task"] is not None else None,
+             "fallback": r["fallback"]}
+            for r in sorted(records, key=lambda r: r["name"])
+        ],
+    }
+    return report
+
+
+def render_markdown(report: Dict) -> str:
+    tasks = report["tasks"]
+    lines = [
+        "# output_qp merge report",
+        "",
+        "ρ is the share of the experts' output change on calibration data that the merge keeps "
+        "(1 − J/E, energy-weighted; 1 = perfect, 0 = no better than the base).",
+        "",
+        f"**Overall ρ = {report['rho']:.4f}**",
+        "",
+        "| task | ρ |",
+        "|---|---|",
+        *[f"| {t} | {report['rho_by_task'][t]:.4f} |" for t in tasks],
+        "",
+        "## Per layer",
+        "",
+        "| layer | ρ | " + " | ".join(f"ρ {os.path.basename(t.rstrip('/')) or t}" for t in tasks) + " |",
+        "|---|---|" + "---|" * len(tasks),
+    ]
+    for layer in report["layers"]:
+        cells = " | ".join(f"{layer['rho_by_task'][t]:.4f}" for t in tasks)
+        lines.append(f"| {layer['layer']} | {layer['rho']:.4f} | {cells} |")
+    fallbacks = [t for t in report["tensors"] if t["fallback"]]
+    lines += ["", f"## Fallbacks ({len(fallbacks)})", ""]
+    lines += [f"- `{t['name']}`: {t['fallback']}" for t in fallbacks] or ["None: every tensor was solved."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_path: str, report: Dict) -> None:
+    os.makedirs(out_path, exist_ok=True)
+    with open(os.path.join(out_path, "merge_report.json"), "w", encoding="utf-8") as fp:
+        json.dump(report, fp, indent=1)
+        fp.write("\n")
+    with open(os.path.join(out_path, "merge_report.md"), "w", encoding="utf-8") as fp:
+        fp.write(render_markdown(report))
