@@ -31,7 +31,7 @@ from mergekit.merge_methods.base import (
 
 from . import qp, report
 from .diagnostic import augmented_gram
-from .statistics import EmbeddingStats, LinearStats, ModelStatistics, NormStats
+from .statistics import EmbeddingStats, LinearStats, NormStats
 
 LOG = logging.getLogger("mergekit_qp")
 

@@ -1,6 +1,5 @@
 """The hooks gather exactly the statistics of design §3 from a real transformers model."""
 
-import json
 
 import pytest
 import torch
