@@ -42,3 +42,25 @@ def demo_command(ctx: click.Context) -> None:
     from .demo import main as demo_main
 
     raise SystemExit(demo_main(list(ctx.args)))
+
+
+@main.command("diagnose")
+@click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("merged_path", type=click.Path(exists=True, file_okay=False))
+@click.option("--calibration-config", type=click.Path(exists=True, dir_okay=False),
+              help="output_qp config of the same experts to take calibration data and settings from")
+@click.option("--device", default="cpu", show_default=True, help="device for calibration forward passes")
+@click.option("--write/--no-write", default=True, show_default=True,
+              help="write merge_report.json/.md into MERGED_PATH")
+def diagnose_command(config_file: str, merged_path: str, calibration_config, device: str, write: bool) -> None:
+    """Residual energy captured (ρ) by the merged model in MERGED_PATH, made from CONFIG_FILE by
+    any method (ties, dare_ties, task_arithmetic, output_qp, ...), on the experts' calibration data."""
+    from . import register
+    from .plugin import diagnose
+    from .report import render_markdown, write_report
+
+    register()
+    result = diagnose(config_file, merged_path, calibration_config, device)
+    if write:
+        write_report(merged_path, result)
+    click.echo(render_markdown(result))

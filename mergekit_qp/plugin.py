@@ -612,3 +612,53 @@ METHOD = OutputQPMerge()
 _callback = globals().pop("_register_when_loaded", None)
 if _callback is not None:
     _callback()
+
+
+def diagnose(config_path: str, merged_path: str, calibration_config: Optional[str] = None,
+             device: str = "cpu") -> Dict[str, Any]:
+    """The merge report (ρ per tensor, layer, task) of any merged checkpoint of a `models:`
+    config, whatever its method: calibration data and settings come from the config's own
+    `calibration` parameters or from an output_qp config of the same experts."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+
+    from .calibrate import CalibrationSettings, expert_statistics, local_model_path
+    from .diagnostic import linear_diagnostic
+
+    def load(path):
+        with open(path, encoding="utf-8") as fp:
+            return MergeConfiguration.model_validate(yaml.safe_load(fp))
+
+    config = load(config_path)
+    source = load(calibration_config) if calibration_config else config
+    if not config.models or config.base_model is None:
+        raise ValueError(f"diagnose: {config_path} needs `base_model:` and `models:` (slices are not supported)")
+    calibration_of = {str(m.model): (m.parameters or {}).get("calibration") for m in source.models or []}
+    # Task weights ω of the objective: those of the output_qp config when there is one, so that
+    # every method is measured on the objective output_qp optimises.
+    weight_of = {str(m.model): float((m.parameters or {}).get("weight", 1.0)) if source.merge_method == METHOD_NAME
+                 else 1.0 for m in source.models or []}
+    top = source.parameters or {}
+    shared = {p.name: p.validate(top.get(p.name, p.default)) for p in PARAMETERS if p.name in CALIBRATION_SETTINGS}
+    settings = CalibrationSettings.from_params(shared)
+    experts = [m for m in config.models if m.model != config.base_model]
+    stats, weights = [], []
+    for m in experts:
+        calibration = calibration_of.get(str(m.model)) or top.get("calibration")
+        if not isinstance(calibration, str):
+            where = calibration_config or config_path
+            raise ValueError(f"diagnose: no calibration for {m.model} in {where}: give it a `calibration:` parameter "
+                             "or pass --calibration-config with the output_qp config of the same experts")
+        stats.append(expert_statistics(m.model, config.base_model, calibration, settings, torch.device(device)))
+        weights.append(weight_of.get(str(m.model), 1.0))
+    names = [str(m.model) for m in experts]
+    result = linear_diagnostic(local_model_path(config.base_model), [local_model_path(m.model) for m in experts],
+                               stats, merged_path, weights)
+    records = [
+        {"name": t["name"], "rho": t["rho"], "fallback": None,
+         "rho_by_task": [qp.energy_captured(j, e) for j, e in zip(t["objective_per_task"], t["energy_per_task"])],
+         "objective_by_task": t["objective_per_task"], "energy_by_task": t["energy_per_task"]}
+        for t in result.tensors
+    ]
+    return report.build_report(records, names, {"merge_method": config.merge_method, "merged": merged_path,
+                                                **{k: v for k, v in shared.items() if k != "cache_dir"}})

@@ -225,3 +225,31 @@ def test_slices_that_do_not_line_up_are_rejected(tmp_path, llama):
     result = run_in_process(path, tmp_path / "out", tmp_path / "cache")
     assert result.exit_code != 0
     assert "slices do not line up" in str(result.exception) and "expert_a" in str(result.exception)
+
+
+def test_diagnose_a_builtin_merge_on_the_output_qp_scale(merged, tmp_path):
+    """`mergekit-qp diagnose` on a ties merge, calibration taken from the output_qp config: the
+    written report equals the diagnostic computed here, and ranks output_qp above ties."""
+    import json
+    import shutil
+
+    kind, paths, cache, outs = merged
+    qp_config = outs["output_qp"].with_suffix(".yml")
+    ties_config = outs["ties"].with_suffix(".yml")
+    ties = tmp_path / "ties"
+    shutil.copytree(outs["ties"], ties)  # the report is written into the merged folder
+    result = run([executable("mergekit-qp"), "diagnose", str(ties_config), str(ties),
+                  "--calibration-config", str(qp_config)], cache)
+    assert "# output_qp merge report" in result.stdout
+    report = json.loads((ties / "merge_report.json").read_text())
+    experts = [str(paths["expert_a"]), str(paths["expert_b"])]
+    expected = linear_diagnostic(str(paths["base"]), experts, statistics(paths, cache), str(ties), [1.0, 1.0])
+    assert report["rho"] == pytest.approx(expected.rho, abs=1e-6)
+    assert list(report["rho_by_task"].values()) == pytest.approx(expected.rho_by_task, abs=1e-6)
+    own = json.loads((outs["output_qp"] / "merge_report.json").read_text())
+    assert own["rho"] >= report["rho"]
+    assert "output_qp statistics" not in result.stderr  # the merge's cached statistics were reused
+
+    missing = run([executable("mergekit-qp"), "diagnose", str(ties_config), str(ties), "--no-write"],
+                  cache, check=False)
+    assert missing.returncode != 0 and "no calibration for" in missing.stderr
