@@ -1,6 +1,6 @@
 """The merge report: residual energy captured (ρ, design §3.3) per tensor, layer, task and
-overall, written next to the merged model as merge_report.json (machines) and
-merge_report.md (people). Aggregates are energy-weighted: ρ = 1 − ΣJ / ΣE over the tensors."""
+overall, written next to the merged model as merge_report.json (machines),
+merge_report.md (people) and merge_report.png (ρ per layer per task). Aggregates are energy-weighted: ρ = 1 − ΣJ / ΣE over the tensors."""
 
 from __future__ import annotations
 
@@ -78,6 +78,8 @@ def render_markdown(report: Dict) -> str:
         "",
         "## Per layer",
         "",
+        "![ρ per layer per task](merge_report.png)",
+        "",
         "| layer | ρ | " + " | ".join(f"ρ {os.path.basename(t.rstrip('/')) or t}" for t in tasks) + " |",
         "|---|---|" + "---|" * len(tasks),
     ]
@@ -90,8 +92,35 @@ def render_markdown(report: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_layers(report: Dict, path: str) -> None:
+    """ρ per layer, one line per task and one for all tasks together (a PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    layers = [layer for layer in report["layers"] if layer["layer"] != "other"]
+    xs = [layer["layer"] for layer in layers]
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for task in report["tasks"]:
+        ax.plot(xs, [layer["rho_by_task"][task] for layer in layers], marker="o",
+                label=os.path.basename(task.rstrip("/")) or task)
+    ax.plot(xs, [layer["rho"] for layer in layers], color="black", linestyle="--", label="all tasks")
+    ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel("ρ (residual energy captured)")
+    ax.set_title(f"overall ρ = {report['rho']:.3f}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_report(out_path: str, report: Dict) -> None:
     os.makedirs(out_path, exist_ok=True)
+    plot_layers(report, os.path.join(out_path, "merge_report.png"))
     with open(os.path.join(out_path, "merge_report.json"), "w", encoding="utf-8") as fp:
         json.dump(report, fp, indent=1)
         fp.write("\n")

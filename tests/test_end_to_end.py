@@ -131,6 +131,7 @@ def test_report_agrees_with_an_independent_recomputation(merged):
     assert [layer["layer"] for layer in report["layers"]][:2] == [0, 1]
     assert "merge_report.md" in (outs["output_qp"] / "README.md").read_text()
     assert (outs["output_qp"] / "merge_report.md").read_text().startswith("# output_qp merge report")
+    assert (outs["output_qp"] / "merge_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (outs["ties"] / "merge_report.json").exists()
 
 
