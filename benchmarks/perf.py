@@ -35,9 +35,11 @@ SIZES = [
     ("L", 512, 4, 8, 1408, 4096),
 ]
 SMOKE = [("XS", 64, 2, 4, 176, 512)]
+BASES = ("full", "diagonal", "task", "rank-16")
+TOKEN_SWEEP = (32, 64, 128, 256)  # calibration samples of 128 tokens per expert
 
 RUNNER = r"""
-import json, os, resource, sys, time
+import json, os, sys, time
 import yaml
 import mergekit_qp
 mergekit_qp.register()
@@ -47,8 +49,11 @@ from mergekit.options import MergeOptions
 config = MergeConfiguration.model_validate(yaml.safe_load(open(sys.argv[1])))
 start = time.perf_counter(); cpu = time.process_time()
 run_merge(config, sys.argv[2], options=MergeOptions(quiet=True, copy_tokenizer=False))
+# VmHWM, not ru_maxrss: on Linux ru_maxrss keeps the high-water mark of the process this one was
+# forked from (it survives fork and exec), so it would count perf.py's own memory.
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": int(hwm.split()[1]) / 1024}))
 """
 
 
@@ -84,7 +89,7 @@ def build(root: Path, hidden, layers, heads, ffn, vocab, samples, seq_len) -> di
     return {"paths": paths, "params": params}
 
 
-def write_config(path: Path, paths: dict, method: str, samples: int, seq_len: int) -> Path:
+def write_config(path: Path, paths: dict, method: str, samples: int, seq_len: int, basis: str = "full") -> Path:
     import yaml
 
     models = []
@@ -93,7 +98,7 @@ def write_config(path: Path, paths: dict, method: str, samples: int, seq_len: in
         models.append({"model": str(paths[expert]), "parameters": p})
     config = {"merge_method": method, "base_model": str(paths["base"]), "models": models, "dtype": "float32"}
     if method == "output_qp":
-        config["parameters"] = {"calibration_samples": samples, "calibration_seq_len": seq_len}
+        config["parameters"] = {"calibration_samples": samples, "calibration_seq_len": seq_len, "basis": basis}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -149,10 +154,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--reps", type=int, default=2, help="merge repetitions (fastest kept)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads here and in each merge process (OMP_NUM_THREADS)")
     parser.add_argument("--workdir", type=Path, default=HERE / ".work" / "perf")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by every merge process
     sizes = SMOKE if args.smoke else SIZES
     samples = 8 if args.smoke else args.samples
     seq_len = 32 if args.smoke else args.seq_len
@@ -164,14 +172,17 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
         built = build(root, hidden, layers, heads, ffn, vocab, samples, seq_len)
         paths = built["paths"]
-        configs = {m: write_config(root / f"{m}.yml", paths, m, samples, seq_len) for m in ("ties", "output_qp")}
+        configs = {"ties": write_config(root / "ties.yml", paths, "ties", samples, seq_len)}
+        for basis in BASES:
+            configs[basis] = write_config(root / f"qp-{basis}.yml", paths, "output_qp", samples, seq_len, basis)
         cache = root / "cache"
-        runs = {"ties": [], "output_qp_computed": [], "output_qp_cached": []}
+        runs: dict[str, list] = {"ties": [], "output_qp_computed": [], **{f"output_qp_cached_{b}": [] for b in BASES}}
         for _ in range(reps):
             runs["ties"].append(run_merge_process(configs["ties"], root / "out_ties", cache))
             shutil.rmtree(cache, ignore_errors=True)
-            runs["output_qp_computed"].append(run_merge_process(configs["output_qp"], root / "out_qp", cache))
-            runs["output_qp_cached"].append(run_merge_process(configs["output_qp"], root / "out_qp", cache))
+            runs["output_qp_computed"].append(run_merge_process(configs["full"], root / "out_qp", cache))
+            for basis in BASES:
+                runs[f"output_qp_cached_{basis}"].append(run_merge_process(configs[basis], root / "out_qp", cache))
         best = {k: min(v, key=lambda r: r["wall_s"]) for k, v in runs.items()}
         forward = forward_ratio(paths["expert_a"], paths["calib_a"], samples, seq_len, reps=1 if args.smoke else 3)
         row = {
@@ -181,44 +192,77 @@ def main() -> None:
             **{f"{k}_cpu_s": v["cpu_s"] for k, v in best.items()},
             **{f"{k}_peak_rss_mb": v["peak_rss_mb"] for k, v in best.items()},
             "computed_wall_ratio": best["output_qp_computed"]["wall_s"] / best["ties"]["wall_s"],
-            "cached_wall_ratio": best["output_qp_cached"]["wall_s"] / best["ties"]["wall_s"],
             "computed_rss_ratio": best["output_qp_computed"]["peak_rss_mb"] / best["ties"]["peak_rss_mb"],
-            "cached_rss_ratio": best["output_qp_cached"]["peak_rss_mb"] / best["ties"]["peak_rss_mb"],
+            **{f"cached_{b}_wall_ratio": best[f"output_qp_cached_{b}"]["wall_s"] / best["ties"]["wall_s"]
+               for b in BASES},
+            **{f"cached_{b}_rss_ratio": best[f"output_qp_cached_{b}"]["peak_rss_mb"] / best["ties"]["peak_rss_mb"]
+               for b in BASES},
             "statistics_vs_forward": forward["ratio"],
             "forward_s": forward["forward_s"], "statistics_s": forward["statistics_s"],
         }
+        # the names the first version of this file wrote, kept for readers of older results
+        row["cached_wall_ratio"], row["cached_rss_ratio"] = row["cached_full_wall_ratio"], row["cached_full_rss_ratio"]
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    table = render(rows)
+    # Growth with calibration tokens: statistics computed afresh at the middle size.
+    token_rows = []
+    name, hidden, layers, heads, ffn, vocab = sizes[len(sizes) // 2]
+    for n in ([8] if args.smoke else TOKEN_SWEEP):
+        root = args.workdir / f"tokens-{n}"
+        shutil.rmtree(root, ignore_errors=True)
+        paths = build(root, hidden, layers, heads, ffn, vocab, n, seq_len)["paths"]
+        ties = run_merge_process(write_config(root / "ties.yml", paths, "ties", n, seq_len), root / "out_ties",
+                                 root / "cache")
+        qp = run_merge_process(write_config(root / "qp.yml", paths, "output_qp", n, seq_len), root / "out_qp",
+                               root / "cache")
+        token_rows.append({"size": name, "samples": n, "tokens_per_expert": n * seq_len,
+                           "ties_wall_s": ties["wall_s"], "computed_wall_s": qp["wall_s"],
+                           "computed_wall_ratio": qp["wall_s"] / ties["wall_s"],
+                           "computed_peak_rss_mb": qp["peak_rss_mb"],
+                           "computed_rss_ratio": qp["peak_rss_mb"] / ties["peak_rss_mb"]})
+        print(json.dumps(token_rows[-1]), flush=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+    table = render(rows) + "\n\n" + render_tokens(token_rows)
     print(table)
     if not args.smoke:
         args.out.mkdir(parents=True, exist_ok=True)
         meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
                 "threads": torch.get_num_threads(), "reps": reps}
-        (args.out / "perf.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        (args.out / "perf.json").write_text(json.dumps({"meta": meta, "rows": rows, "calibration_tokens": token_rows},
+                                                       indent=2) + "\n")
         (args.out / "perf.md").write_text(table + "\n")
-        plot(rows, args.out / "perf.png")
+        plot(rows, token_rows, args.out / "perf.png")
 
 
 def render(rows) -> str:
     lines = [
-        "| size | params | ties merge s | output_qp computed s (× ties) | output_qp cached s (× ties) "
-        "| peak RSS MB ties / computed / cached | statistics pass ÷ forward |",
+        "| size | params | ties merge s | output_qp computed s (× ties) | cached, × ties: "
+        + " / ".join(BASES) + " | peak RSS MB ties / computed / cached full | statistics pass ÷ forward |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        cached = " / ".join(f"{r[f'cached_{b}_wall_ratio']:.2f}" for b in BASES)
         lines.append(
             f"| {r['size']} (h{r['hidden']}×{r['layers']}) | {r['params'] / 1e6:.1f} M | {r['ties_wall_s']:.2f} "
-            f"| {r['output_qp_computed_wall_s']:.2f} ({r['computed_wall_ratio']:.2f}×) "
-            f"| {r['output_qp_cached_wall_s']:.2f} ({r['cached_wall_ratio']:.2f}×) "
+            f"| {r['output_qp_computed_wall_s']:.2f} ({r['computed_wall_ratio']:.2f}×) | {cached} "
             f"| {r['ties_peak_rss_mb']:.0f} / {r['output_qp_computed_peak_rss_mb']:.0f} / "
-            f"{r['output_qp_cached_peak_rss_mb']:.0f} | {r['statistics_vs_forward']:.2f}× |"
+            f"{r['output_qp_cached_full_peak_rss_mb']:.0f} | {r['statistics_vs_forward']:.2f}× |"
         )
     return "\n".join(lines)
 
 
-def plot(rows, path: Path) -> None:
+def render_tokens(rows) -> str:
+    lines = ["| size | calibration tokens per expert | ties s | output_qp computed s (× ties) | peak RSS × ties |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['size']} | {r['tokens_per_expert']} | {r['ties_wall_s']:.2f} "
+                     f"| {r['computed_wall_s']:.2f} ({r['computed_wall_ratio']:.2f}×) | {r['computed_rss_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(rows, token_rows, path: Path) -> None:
     try:
         import matplotlib
 
@@ -228,15 +272,23 @@ def plot(rows, path: Path) -> None:
         print("matplotlib not installed: no plot", file=sys.stderr)
         return
     x = [r["params"] / 1e6 for r in rows]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
     for key, label in (("ties_wall_s", "ties"), ("output_qp_computed_wall_s", "output_qp (statistics computed)"),
-                       ("output_qp_cached_wall_s", "output_qp (statistics cached)")):
+                       *[(f"output_qp_cached_{b}_wall_s", f"output_qp {b} (cached)") for b in BASES]):
         ax.plot(x, [r[key] for r in rows], marker="o", label=label)
     ax.set_xlabel("model parameters (M)")
     ax.set_ylabel("merge wall time (s)")
     ax.set_xscale("log")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
+    if token_rows:
+        t = [r["tokens_per_expert"] for r in token_rows]
+        ax2.plot(t, [r["ties_wall_s"] for r in token_rows], marker="o", label="ties")
+        ax2.plot(t, [r["computed_wall_s"] for r in token_rows], marker="o", label="output_qp (statistics computed)")
+        ax2.set_xlabel(f"calibration tokens per expert (size {token_rows[0]['size']})")
+        ax2.set_ylabel("merge wall time (s)")
+        ax2.legend(fontsize=7)
+        ax2.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -1,0 +1,508 @@
+"""Suite `clf`: merging fine-tuned copies of a real pretrained encoder (all-MiniLM-L6-v2).
+
+Four human-labelled tasks built from registry packages (benchmarks/sources.py):
+  mr       movie-review sentiment, 2 classes (vaderSentiment sdist, Hutto & Gilbert 2014)
+  fortune  topic of a quote, 5 classes (Debian `fortunes`)
+  mansec   man-page section of a paragraph, 4 classes: 2 / 3 / 4+5 / 7 (split by page)
+  langid   language of a quote, 6 classes (Debian fortunes in en, de, es, it, pl, pt-BR)
+Per task: a linear probe on frozen base features (the base score), then encoder + head fine-tuned
+from the probe (the expert). The encoders are merged through `mergekit-yaml`; each task is scored
+with its own expert's head. Headline: gain kept = (merged − base) / (expert − base), over tasks
+whose fine-tuning gain is at least 3 points, averaged over expert seeds.
+
+    python benchmarks/clf.py --threads 1     # full run: ~45 min on one core, ~25 min with experts cached
+    python benchmarks/clf.py --seeds 1 --train-only --threads 1   # build seed 1's experts alongside
+    python benchmarks/clf.py --smoke --out D # tiny encoder, made-up sources, ~1 min
+
+Sizes are set by the cost of MiniLM on a 2-core CPU (about 50 examples/s forward at 64 tokens):
+texts cut to 64 tokens, 1000 train and 500 test examples per task, balanced over classes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+import sources  # noqa: E402
+
+TASKS = ("mr", "fortune", "mansec", "langid")
+FORTUNE_TOPICS = ("computers", "politics", "science", "songs-poems", "work")
+MAN_CLASSES = {"2": "2", "3": "3", "4": "4+5", "5": "4+5", "7": "7"}
+# English fortunes for `langid`: files of the `fortunes` package that `fortune` does not use.
+ENGLISH_FILES = ("art", "education", "food", "humorists", "kids", "law", "literature", "love", "medicine",
+                 "men-women", "miscellaneous", "people", "pets", "platitudes", "riddles", "wisdom")
+LANGUAGE_FOLDERS = {"de": "de", "es": "es", "it": "it", "pl": "pl"}
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def labelled_examples(debian: Path, vader: Path) -> dict[str, list[tuple[str, str, str]]]:
+    """(split key, text, label) per task, before splitting."""
+    fortunes_dir = debian / "usr" / "share" / "games" / "fortunes"
+    out: dict[str, list] = {t: [] for t in TASKS}
+    for line in sources.read_text(vader).splitlines():
+        parts = line.strip().split("\t")
+        if len(parts) != 3:
+            continue
+        rating = float(parts[1])
+        if abs(rating) >= 0.5:  # drop snippets the raters found neutral
+            out["mr"].append((f"mr/{parts[0]}", parts[2], "positive" if rating > 0 else "negative"))
+    for topic in FORTUNE_TOPICS:
+        out["fortune"] += [(q, q, topic) for q in sources.fortunes(fortunes_dir / topic)]
+    for section, label in MAN_CLASSES.items():
+        for page in sources.man_pages(debian, section):
+            out["mansec"] += [(f"man/{page.name}", p, label) for p in sources.man_paragraphs(page)]
+    languages = {"en": [fortunes_dir / f for f in ENGLISH_FILES if (fortunes_dir / f).is_file()],
+                 **{k: sources.fortune_files(fortunes_dir / v) for k, v in LANGUAGE_FOLDERS.items()},
+                 "pt": [fortunes_dir / "brasil"] if (fortunes_dir / "brasil").is_file() else []}
+    for language, files in languages.items():
+        out["langid"] += [(q, q, language) for f in files for q in sources.fortunes(f)]
+    for task, examples in out.items():
+        if not examples:
+            raise sources.SourceError(f"task {task}: no examples found under {debian} / {vader}")
+    return out
+
+
+def build_tasks(debian: Path, vader: Path, caps: dict[str, int]) -> dict:
+    """Deterministic splits by a hash of each example's key, balanced caps per class."""
+    tasks = {}
+    for task, examples in labelled_examples(debian, vader).items():
+        by_text: dict[str, set] = {}
+        for _, text, label in examples:
+            by_text.setdefault(text, set()).add(label)
+        labels = sorted({label for _, _, label in examples})
+        split: dict[str, dict[str, list]] = {s: {label: [] for label in labels} for s in caps}
+        seen = set()
+        for key, text, label in examples:
+            if len(by_text[text]) > 1 or text in seen:  # duplicates, contradictory labels
+                continue
+            seen.add(text)
+            split[sources.split_of(key)][label].append((sources.stable_hash("pick/" + text), text, label))
+        tasks[task] = {"labels": labels}
+        for s, cap in caps.items():
+            per_class = math.ceil(cap / len(labels))
+            chosen = [x for label in labels for x in sorted(split[s][label])[:per_class]]
+            tasks[task][s] = [[text, labels.index(label)] for _, text, label in sorted(chosen)]
+    return tasks
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def pooled(encoder, tokenizer, texts: list[str], max_len: int) -> torch.Tensor:
+    """Mean of the last hidden states over real tokens (the sentence-transformers pooling)."""
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+    hidden = encoder(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+@torch.no_grad()
+def features(encoder, tokenizer, texts: list[str], max_len: int, batch: int = 64) -> torch.Tensor:
+    encoder.eval()
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
+    out = torch.empty(len(texts), encoder.config.hidden_size)
+    for start in range(0, len(order), batch):
+        idx = order[start:start + batch]
+        out[idx] = pooled(encoder, tokenizer, [texts[i] for i in idx], max_len)
+    return out
+
+
+def train_probe(x: torch.Tensor, y: torch.Tensor, classes: int, seed: int) -> torch.nn.Linear:
+    """Multinomial logistic regression on frozen features (full batch L-BFGS, small L2)."""
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(x.shape[1], classes)
+    mu, sd = x.mean(0), x.std(0).clamp(min=1e-6)
+    xs = (x - mu) / sd
+    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(xs), y) + 1e-3 * head.weight.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():  # fold the standardisation into the head
+        head.weight /= sd
+        head.bias -= head.weight @ mu
+    return head
+
+
+def accuracy(head: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (head(x).argmax(-1) == y).float().mean().item()
+
+
+def save_head(head: torch.nn.Linear, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()}, str(path))
+
+
+def load_head(path: Path) -> torch.nn.Linear:
+    from safetensors.torch import load_file
+
+    t = load_file(str(path))
+    head = torch.nn.Linear(t["weight"].shape[1], t["weight"].shape[0])
+    head.load_state_dict(t)
+    return head
+
+
+def fine_tune(base_dir: Path, probe: torch.nn.Linear, train: list, out: Path, *, steps: int, batch: int,
+              lr: float, seed: int, max_len: int) -> None:
+    """Encoder + head from the probe (LP-FT), AdamW; written to a temp folder, then renamed."""
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    encoder = AutoModel.from_pretrained(base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    head = torch.nn.Linear(probe.in_features, probe.out_features)
+    head.load_state_dict(probe.state_dict())
+    params = list(encoder.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    order: list[int] = []
+    encoder.train()
+    for _ in tqdm(range(steps), desc=f"fine-tune {out.name}", leave=False, file=sys.stderr):
+        if len(order) < batch:
+            order += rng.sample(range(len(train)), len(train))
+        idx, order = order[:batch], order[batch:]
+        texts, labels = [train[i][0] for i in idx], torch.tensor([train[i][1] for i in idx])
+        loss = torch.nn.functional.cross_entropy(head(pooled(encoder, tokenizer, texts, max_len)), labels)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    encoder.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    save_head(head, tmp / "head.safetensors")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+# ----------------------------------------------------------------------------- smoke inputs
+
+
+def write_smoke_sources(root: Path) -> tuple[Path, Path]:
+    """Made-up files in the layout of the real sources, each class with its own words."""
+    rng = random.Random(0)
+    common = "the a of and to in is it that was for on with as by at this from".split()
+
+    def sentence(words, n=10):
+        return " ".join(rng.choice(words if rng.random() < 0.5 else common) for _ in range(n))
+
+    debian = root / "debian"
+    fdir = debian / "usr" / "share" / "games" / "fortunes"
+    vocab = {name: [f"{name[:3]}{i}" for i in range(12)] for name in
+             (*FORTUNE_TOPICS, *ENGLISH_FILES[:2], *LANGUAGE_FOLDERS, "brasil", "pos", "neg", *MAN_CLASSES)}
+    for name in (*FORTUNE_TOPICS, *ENGLISH_FILES[:2], "brasil"):
+        (fdir / name).parent.mkdir(parents=True, exist_ok=True)
+        (fdir / name).write_text("\n%\n".join(sentence(vocab[name]) for _ in range(60)) + "\n%\n")
+    for lang in LANGUAGE_FOLDERS:
+        (fdir / lang).mkdir(parents=True, exist_ok=True)
+        (fdir / lang / "quotes").write_text("\n%\n".join(sentence(vocab[lang]) for _ in range(60)))
+        (fdir / lang / "quotes.dat").write_bytes(b"\0index")
+    for section in MAN_CLASSES:
+        folder = debian / "usr" / "share" / "man" / f"man{section}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for page in range(12):
+            body = "\n.PP\n".join(f"\\fB{sentence(vocab[section], 4)}\\fR {sentence(vocab[section])}"
+                                  for _ in range(5))
+            import gzip
+
+            (folder / f"p{page}.{section}.gz").write_bytes(
+                gzip.compress(f'.TH P{page} {section}\n.SH NAME\n{body}\n'.encode()))
+    vader = root / "movieReviewSnippets_GroundTruth.txt"
+    lines = []
+    for i in range(240):
+        positive = i % 2 == 0
+        lines.append(f"{i}\t{'2.1' if positive else '-1.7'}\t{sentence(vocab['pos' if positive else 'neg'])}")
+    vader.write_text("\r\n".join(lines) + "\r\n")
+    return debian, vader
+
+
+def tiny_encoder(root: Path, texts: list[str]) -> Path:
+    """A small random BERT with a WordPiece vocabulary learnt from the smoke texts."""
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    out = root / "tiny-bert"
+    if (out / "config.json").is_file():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    wp = BertWordPieceTokenizer(lowercase=True)
+    wp.train_from_iterator(texts, vocab_size=400, min_frequency=1)
+    wp.save_model(str(root))
+    tokenizer = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64, max_position_embeddings=128))
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--methods", default=None, help="comma-separated subset of the method names")
+    parser.add_argument("--train-only", action="store_true", help="build the experts of --seeds, merge nothing")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+
+    work = sources.bench_dir() / ("clf-smoke" if args.smoke else "clf")
+    work.mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        out_dir = args.out or work / "results"
+        seeds = args.seeds[:1]
+        caps = {"train": 120, "val": 20, "test": 60}
+        steps, batch, lr, max_len = 40, 8, 3e-3, 32
+        calib_params = {"calibration_samples": 32, "calibration_seq_len": 32}
+        debian, vader = write_smoke_sources(work / "raw")
+    else:
+        out_dir = args.out or harness.RESULTS
+        seeds = args.seeds
+        caps = {"train": 1000, "val": 100, "test": 500}
+        steps, batch, lr, max_len = 150, 16, 1e-4, 64
+        calib_params = {"calibration_samples": 256, "calibration_seq_len": 128}
+        fetched = sources.fetch_all()
+        debian, vader = fetched["debian"], fetched["vader"]
+
+    tasks = build_tasks(debian, vader, caps)
+    (work / "tasks.json").write_text(json.dumps(tasks, ensure_ascii=False))
+    models = work / "models"
+    models.mkdir(exist_ok=True)
+    if args.smoke:
+        base = tiny_encoder(work / "tiny", [t for task in tasks.values() for t, _ in task["train"]])
+    else:
+        base = models / "base"
+        if not (base / "config.json").is_file():  # re-saved so every checkpoint has the same layout
+            src = sources.minilm_path()
+            AutoModel.from_pretrained(src).save_pretrained(base, safe_serialization=True)
+            AutoTokenizer.from_pretrained(src).save_pretrained(base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    calibration = {}
+    for task in TASKS:
+        calibration[task] = work / "calibration" / f"{task}.jsonl"
+        calibration[task].parent.mkdir(exist_ok=True)
+        calibration[task].write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
+                                             for t, _ in tasks[task]["train"]))
+
+    def test_set(task):
+        return [t for t, _ in tasks[task]["test"]], torch.tensor([y for _, y in tasks[task]["test"]])
+
+    # Probes on frozen base features give the base score and the experts' initial heads.
+    base_encoder = AutoModel.from_pretrained(base)
+    probes, base_acc, test_x = {}, {}, {}
+    for task in TASKS:
+        train_texts = [t for t, _ in tasks[task]["train"]]
+        y = torch.tensor([lab for _, lab in tasks[task]["train"]])
+        x = features(base_encoder, tokenizer, train_texts, max_len)
+        probes[task] = train_probe(x, y, len(tasks[task]["labels"]), seed=0)
+        texts, labels = test_set(task)
+        test_x[task] = (texts, labels)
+        base_acc[task] = accuracy(probes[task], features(base_encoder, tokenizer, texts, max_len), labels)
+    print(f"[clf] base (linear probe): {base_acc}", file=sys.stderr, flush=True)
+
+    methods = harness.method_grid(rank=32 if not args.smoke else 4, smoke=args.smoke)
+    if args.methods:
+        wanted = args.methods.split(",")
+        unknown = set(wanted) - {m.name for m in methods}
+        if unknown:
+            parser.error(f"unknown method(s) {sorted(unknown)}; known: {[m.name for m in methods]}")
+        methods = [m for m in methods if m.name in wanted]
+
+    per_seed: dict[int, dict[str, dict]] = {}
+    for seed in seeds:
+        experts, heads, expert_acc = {}, {}, {}
+        for task in TASKS:
+            experts[task] = models / f"{task}-s{seed}"
+            if not (experts[task] / "head.safetensors").is_file():
+                start = time.perf_counter()
+                fine_tune(base, probes[task], tasks[task]["train"], experts[task], steps=steps, batch=batch,
+                          lr=lr, seed=seed, max_len=max_len)
+                print(f"[clf] expert {task} seed {seed}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+            heads[task] = load_head(experts[task] / "head.safetensors")
+            texts, labels = test_x[task]
+            expert_acc[task] = accuracy(heads[task], features(AutoModel.from_pretrained(experts[task]), tokenizer,
+                                                              texts, max_len), labels)
+        print(f"[clf] seed {seed} experts: {expert_acc}", file=sys.stderr, flush=True)
+        if args.train_only:
+            continue
+        rho = harness.rho_function(base, experts, calibration, calib_params, work / "cache")
+        rows = {"base": {"per_task": dict(base_acc), **rho(base)}}
+        for task in TASKS:
+            rows[f"expert:{task}"] = {"per_task": {task: expert_acc[task]}, **rho(experts[task])}
+        for method in methods:
+            config = harness.merge_config(method, base, experts, calibration, calib_params, work / "cache")
+            out = work / "merges" / f"s{seed}-{method.name.replace(' ', '_').replace('=', '')}"
+            cost = harness.run_merge(config, out, work / "logs", threads=args.threads)
+            merged = AutoModel.from_pretrained(out)
+            acc = {task: accuracy(heads[task], features(merged, tokenizer, test_x[task][0], max_len), test_x[task][1])
+                   for task in TASKS}
+            rows[method.name] = {"per_task": acc, **cost, **rho(out),
+                                 "calibration": (f"{calib_params['calibration_samples']} x "
+                                                 f"{calib_params['calibration_seq_len']}") if method.calibrated else None}
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"[clf] seed {seed} {method.name}: {acc} ρ={rows[method.name]['rho']:.3f} "
+                  f"{cost['wall_s']:.1f} s", file=sys.stderr, flush=True)
+        for name, row in rows.items():
+            score(row, base_acc, expert_acc)
+        per_seed[seed] = rows
+
+    if args.train_only:
+        return 0
+    payload = summarise(per_seed, methods, base_acc, tasks, meta={
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "seeds": seeds, "fine_tune": {"steps": steps, "batch": batch, "lr": lr},
+        "max_len": max_len, "test_examples": {t: len(tasks[t]["test"]) for t in TASKS},
+        "train_examples": {t: len(tasks[t]["train"]) for t in TASKS},
+        "classes": {t: tasks[t]["labels"] for t in TASKS}, "smoke": args.smoke})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    harness.save_json(out_dir / "clf.json", harness.clean_nan(payload))
+    table = render(payload)
+    (out_dir / "clf.md").write_text(table)
+    plot(payload, out_dir / "clf.png")
+    print(table)
+    return 0
+
+
+def score(row: dict, base_acc: dict, expert_acc: dict) -> None:
+    """normalized = merged / expert; gain kept over tasks the fine-tuning improved by ≥ 3 points."""
+    acc = row["per_task"]
+    row["normalized"] = harness.mean(acc[t] / expert_acc[t] for t in acc)
+    gains = [(acc[t] - base_acc[t]) / (expert_acc[t] - base_acc[t]) for t in acc
+             if expert_acc[t] - base_acc[t] >= 0.03]
+    row["gain_kept"] = harness.mean(gains) if gains else float("nan")
+    row["accuracy"] = harness.mean(acc.values())
+
+
+def summarise(per_seed: dict, methods, base_acc, tasks, meta) -> dict:
+    names = list(next(iter(per_seed.values())))
+    summary = {}
+    for name in names:
+        rows = [per_seed[s][name] for s in per_seed]
+        entry = {}
+        for key in ("gain_kept", "normalized", "accuracy", "rho", "wall_s", "cpu_s", "peak_rss_mb"):
+            values = [r.get(key) for r in rows]
+            entry[key] = harness.mean(values) if any(v is not None for v in values) else None
+            if key in ("gain_kept", "normalized", "rho"):
+                entry[f"{key}_se"] = harness.stderr(values)
+        entry["per_task"] = {t: harness.mean(r["per_task"][t] for r in rows) for t in rows[0]["per_task"]}
+        entry["rho_by_task"] = {t: harness.mean(r["rho_by_task"][t] for r in rows) for t in rows[0]["rho_by_task"]}
+        entry["calibration"] = rows[0].get("calibration")
+        entry["seeds"] = {str(s): per_seed[s][name] for s in per_seed}
+        summary[name] = entry
+    ties_wall = summary.get("ties", {}).get("wall_s")
+    for entry in summary.values():
+        entry["wall_vs_ties"] = entry["wall_s"] / ties_wall if entry.get("wall_s") and ties_wall else None
+    merged = [m.name for m in methods]
+    pairs = [(summary[n]["rho"], summary[n]["gain_kept"]) for n in merged
+             if summary[n]["rho"] is not None and summary[n]["gain_kept"] is not None]
+    # per seed too: more points, same rule
+    pairs_seed = [(per_seed[s][n]["rho"], per_seed[s][n]["gain_kept"]) for s in per_seed for n in merged]
+    correlation = {
+        "spearman_rho_vs_gain_kept": harness.spearman(*zip(*pairs)) if len(pairs) > 2 else None,
+        "spearman_rho_vs_gain_kept_per_seed": harness.spearman(*zip(*pairs_seed)) if len(pairs_seed) > 2 else None,
+        "points": len(pairs),
+    }
+    return {"meta": meta, "methods": summary, "correlation": correlation}
+
+
+def render(payload: dict) -> str:
+    meta, summary = payload["meta"], payload["methods"]
+    lines = [
+        f"# clf suite: all-MiniLM-L6-v2, 4 tasks, seeds {meta['seeds']}",
+        "",
+        f"Test examples per task: {meta['test_examples']}; fine-tuning {meta['fine_tune']}. Accuracy per task, "
+        "gain kept = (merged − base)/(expert − base) over tasks with a fine-tuning gain ≥ 3 points, "
+        "normalized = merged/expert; mean over seeds (± standard error across seeds). "
+        "ρ = residual output energy captured on the calibration data. Wall time and peak RSS are the "
+        "`mergekit-yaml` process's (about 10 s of it is importing mergekit).",
+        "",
+        "| method | gain kept | normalized | " + " | ".join(TASKS) + " | ρ | merge s (× ties) | peak RSS MB | calibration |",
+        "|---|---|---|" + "---|" * len(TASKS) + "---|---|---|---|",
+    ]
+    for name, e in summary.items():
+        gk = fmt_pm(e.get("gain_kept"), e.get("gain_kept_se"))
+        per = " | ".join(harness.fmt(e["per_task"].get(t)) if t in e["per_task"] else "" for t in TASKS)
+        wall = (f"{e['wall_s']:.1f} ({e['wall_vs_ties']:.2f}×)" if e.get("wall_s") and e.get("wall_vs_ties")
+                else "")
+        rss = f"{e['peak_rss_mb']:.0f}" if e.get("peak_rss_mb") else ""
+        lines.append(f"| {name} | {gk} | {harness.fmt(e.get('normalized'))} | {per} | {harness.fmt(e.get('rho'))} "
+                     f"| {wall} | {rss} | {e.get('calibration') or ''} |")
+    c = payload["correlation"]
+    lines += ["", f"Spearman rank correlation between ρ and gain kept over the {c['points']} merge methods: "
+              f"{harness.fmt(c['spearman_rho_vs_gain_kept'], 2)} (per seed: "
+              f"{harness.fmt(c['spearman_rho_vs_gain_kept_per_seed'], 2)})."]
+    return "\n".join(lines) + "\n"
+
+
+def fmt_pm(value, se) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    return f"{value:.3f} ± {se:.3f}" if se is not None and math.isfinite(se) else f"{value:.3f}"
+
+
+def plot(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = {n: e for n, e in payload["methods"].items() if e.get("wall_s")}
+    names = list(summary)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    values = [summary[n]["gain_kept"] or 0.0 for n in names]
+    errors = [summary[n].get("gain_kept_se") or 0.0 for n in names]
+    colors = ["tab:blue" if n.startswith("output_qp") else "tab:gray" for n in names]
+    ax1.barh(names, values, xerr=errors, color=colors)
+    ax1.invert_yaxis()
+    ax1.axvline(0, color="k", lw=0.8)
+    ax1.set_xlabel("gain kept (mean over tasks and seeds)")
+    ax1.tick_params(axis="y", labelsize=7)
+    for n in names:
+        ax2.scatter(summary[n]["rho"], summary[n]["gain_kept"], color="tab:blue" if n.startswith("output_qp")
+                    else "tab:gray")
+        ax2.annotate(n, (summary[n]["rho"], summary[n]["gain_kept"]), fontsize=6)
+    ax2.set_xlabel("ρ (residual energy captured, calibration data)")
+    ax2.set_ylabel("gain kept")
+    ax2.grid(alpha=0.3)
+    fig.suptitle("clf: merging four MiniLM experts", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""What both benchmark suites share: the method grid, merging through the stock `mergekit-yaml`
+with per-process wall/CPU/peak-memory, ρ of any merged model, and the result files.
+
+Every merge is a real `mergekit-yaml CONFIG OUT` subprocess (the path users take; the plugin is
+loaded by its start-up hook). Peak memory and CPU time come from `os.wait4`, so they are the
+merge process's own, not the benchmark's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the tables: a mergekit method with its parameters."""
+
+    name: str
+    merge_method: str
+    model_parameters: dict = field(default_factory=dict)  # per expert
+    parameters: dict = field(default_factory=dict)  # top level
+
+    @property
+    def calibrated(self) -> bool:
+        return self.merge_method == "output_qp"
+
+
+def method_grid(*, rank: int, smoke: bool = False) -> list[Method]:
+    """Built-ins beside every output_qp basis, a small ridge sweep and task-basis variants."""
+    if smoke:
+        return [
+            Method("linear", "linear", {"weight": 1.0}),
+            Method("ties", "ties", {"weight": 1.0, "density": 0.5}),
+            Method("output_qp", "output_qp"),
+            Method("output_qp task", "output_qp", parameters={"basis": "task"}),
+        ]
+    return [
+        Method("linear", "linear", {"weight": 1.0}),
+        *[Method(f"task_arithmetic λ={lam}", "task_arithmetic", {"weight": lam}) for lam in (0.3, 0.5, 1.0)],
+        Method("ties", "ties", {"weight": 1.0, "density": 0.5}),
+        Method("dare_ties", "dare_ties", {"weight": 1.0, "density": 0.5}),
+        Method("output_qp", "output_qp"),  # the defaults: basis full, ridge 1e-4
+        Method("output_qp ridge=1e-2", "output_qp", parameters={"ridge": 1e-2}),
+        Method("output_qp ridge=1e-1", "output_qp", parameters={"ridge": 1e-1}),
+        Method("output_qp diagonal", "output_qp", parameters={"basis": "diagonal"}),
+        Method("output_qp task", "output_qp", parameters={"basis": "task"}),
+        Method("output_qp task nonneg", "output_qp", parameters={"basis": "task", "nonneg": True}),
+        Method(f"output_qp rank-{rank}", "output_qp", parameters={"basis": f"rank-{rank}"}),
+    ]
+
+
+def merge_config(method: Method, base: Path, experts: dict[str, Path], calibration: dict[str, Path],
+                 calibration_parameters: dict, cache_dir: Path) -> dict:
+    models = []
+    for task, path in experts.items():
+        params = dict(method.model_parameters)
+        if method.calibrated:
+            params["calibration"] = str(calibration[task])
+        models.append({"model": str(path), **({"parameters": params} if params else {})})
+    config: dict[str, Any] = {"merge_method": method.merge_method, "base_model": str(base),
+                              "models": models, "dtype": "float32"}
+    if method.merge_method == "linear":  # linear would average the base in too (and want its weight)
+        del config["base_model"]
+    parameters = dict(method.parameters)
+    if method.calibrated:
+        parameters = {**calibration_parameters, "cache_dir": str(cache_dir), **parameters}
+    if parameters:
+        config["parameters"] = parameters
+    return config
+
+
+def mergekit_yaml() -> list[str]:
+    candidate = Path(sys.executable).parent / "mergekit-yaml"
+    if candidate.is_file():
+        return [str(candidate)]
+    found = shutil.which("mergekit-yaml")
+    if not found:
+        raise RuntimeError("mergekit-yaml not found: install this package (`pip install .`) first")
+    return [found]
+
+
+# Peak memory is read by a thin launcher, not by the benchmark itself: on Linux a child's
+# ru_maxrss starts from the memory of the process it was forked from (the high-water mark survives
+# fork and exec), so a benchmark holding a model in memory would add its own size to every merge.
+LAUNCHER = r"""
+import json, os, subprocess, sys, time
+start = time.perf_counter()
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+with open(sys.argv[1], "w") as fp:
+    json.dump({"wall_s": time.perf_counter() - start, "cpu_s": usage.ru_utime + usage.ru_stime,
+               "peak_rss_mb": usage.ru_maxrss / 1024}, fp)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_merge(config: dict, out: Path, log_dir: Path, threads: int | None = None) -> dict:
+    """`mergekit-yaml CONFIG OUT` in its own process; wall, CPU and peak RSS of that process.
+
+    `threads` caps torch's threads in the merge (OMP_NUM_THREADS), so that two suites can run
+    side by side on a small machine without oversubscribing it."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)
+    config_path = log_dir / f"{out.name}.yml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    log_path, cost_path = log_dir / f"{out.name}.log", log_dir / f"{out.name}.cost.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    cmd = [*mergekit_yaml(), str(config_path), str(out), "--copy-tokenizer", "--random-seed", "0"]
+    with open(log_path, "w") as log:
+        proc = subprocess.run([sys.executable, "-c", LAUNCHER, str(cost_path), *cmd], stdout=log,
+                              stderr=subprocess.STDOUT, env=env, check=False)
+    if proc.returncode != 0 or not (out / "config.json").is_file():
+        tail = "\n".join(log_path.read_text().splitlines()[-30:])
+        raise RuntimeError(f"mergekit-yaml failed ({proc.returncode}) for {config_path}; log {log_path}:\n{tail}")
+    return json.loads(cost_path.read_text())
+
+
+def rho_function(base: Path, experts: dict[str, Path], calibration: dict[str, Path],
+                 calibration_parameters: dict, cache_dir: Path) -> Callable[[Path], dict]:
+    """ρ overall and per task of any model folder, on the statistics output_qp uses (cached)."""
+    import torch
+
+    from mergekit_qp.calibrate import CalibrationSettings, expert_statistics
+    from mergekit_qp.diagnostic import linear_diagnostic
+
+    settings = CalibrationSettings(samples=calibration_parameters["calibration_samples"],
+                                   seq_len=calibration_parameters["calibration_seq_len"], cache_dir=str(cache_dir))
+    tasks = list(experts)
+    stats = [expert_statistics(str(experts[t]), str(base), str(calibration[t]), settings, torch.device("cpu"))
+             for t in tasks]
+
+    def rho(model_dir: Path) -> dict:
+        diag = linear_diagnostic(str(base), [str(experts[t]) for t in tasks], stats, str(model_dir),
+                                 [1.0] * len(tasks))
+        return {"rho": diag.rho, "rho_by_task": dict(zip(tasks, diag.rho_by_task))}
+
+    return rho
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def mean(values) -> float:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def stderr(values) -> float:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if len(values) < 2:
+        return float("nan")
+    m = mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+
+    def ranks(values):
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        r = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = mean(rx), mean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    var = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    return cov / var if var else float("nan")
+
+
+def fmt(value, digits=3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def save_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part")
+    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, allow_nan=False,
+                              default=lambda o: None) + "\n")
+    tmp.replace(path)
+
+
+def clean_nan(obj):
+    """JSON has no NaN: write null instead."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: clean_nan(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [clean_nan(v) for v in obj]
+    return obj
