@@ -475,7 +475,9 @@ def render(result: dict) -> str:
              ("Loss in nats/token on the test split (lower is better). Gain kept = (L_base − L_merged) / "
              "(L_base − L_expert) on each expert's own domain, averaged over tasks whose expert gains at least "
              f"{MIN_GAIN} nats there, then over seeds (± one standard error across seeds). Normalized = "
-             "L_expert / L_merged on the own domain. ρ: residual energy captured on the calibration data."), ""]
+             "L_expert / L_merged on the own domain. ρ: residual energy captured on the calibration data. "
+             "An `expert:<domain>` row scores that expert alone as if it were the merge (gain kept 1 on its own "
+             "domain, negative on the others)."), ""]
     for setting, block in result["settings"].items():
         lines += [f"## Setting `{setting}`", "",
                   "| method | gain kept (± se) | normalized | mean loss | " + " | ".join(DOMAINS)
