@@ -46,6 +46,7 @@ MAN_CLASSES = {"2": "2", "3": "3", "4": "4+5", "5": "4+5", "7": "7"}
 ENGLISH_FILES = ("art", "education", "food", "humorists", "kids", "law", "literature", "love", "medicine",
                  "men-women", "miscellaneous", "people", "pets", "platitudes", "riddles", "wisdom")
 LANGUAGE_FOLDERS = {"de": "de", "es": "es", "it": "it", "pl": "pl"}
+GAIN_THRESHOLD = 0.03  # a task counts in gain kept when fine-tuning gained at least 3 points
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -402,7 +403,7 @@ def score(row: dict, base_acc: dict, expert_acc: dict) -> None:
     acc = row["per_task"]
     row["normalized"] = harness.mean(acc[t] / expert_acc[t] for t in acc)
     gains = [(acc[t] - base_acc[t]) / (expert_acc[t] - base_acc[t]) for t in acc
-             if expert_acc[t] - base_acc[t] >= 0.03]
+             if expert_acc[t] - base_acc[t] >= GAIN_THRESHOLD]
     row["gain_kept"] = harness.mean(gains) if gains else float("nan")
     row["accuracy"] = harness.mean(acc.values())
 
@@ -448,7 +449,9 @@ def render(payload: dict) -> str:
         "gain kept = (merged − base)/(expert − base) over tasks with a fine-tuning gain ≥ 3 points, "
         "normalized = merged/expert; mean over seeds (± standard error across seeds). "
         "ρ = residual output energy captured on the calibration data. Wall time and peak RSS are the "
-        "`mergekit-yaml` process's (about 10 s of it is importing mergekit).",
+        "`mergekit-yaml` process's (about 10 s of it is importing mergekit); the benchmark computes each "
+        "expert's statistics once, untimed, for ρ, so every output_qp merge here finds them in its cache "
+        "(the cost of computing them: perf.md).",
         "",
         "| method | gain kept | normalized | " + " | ".join(TASKS) + " | ρ | merge s (× ties) | peak RSS MB | calibration |",
         "|---|---|---|" + "---|" * len(TASKS) + "---|---|---|---|",
@@ -461,7 +464,14 @@ def render(payload: dict) -> str:
         rss = f"{e['peak_rss_mb']:.0f}" if e.get("peak_rss_mb") else ""
         lines.append(f"| {name} | {gk} | {harness.fmt(e.get('normalized'))} | {per} | {harness.fmt(e.get('rho'))} "
                      f"| {wall} | {rss} | {e.get('calibration') or ''} |")
+    counted = []
+    for seed in meta["seeds"]:
+        base_row = summary["base"]["seeds"][str(seed)]["per_task"]
+        tasks = [t for t in TASKS
+                 if summary[f"expert:{t}"]["seeds"][str(seed)]["per_task"][t] - base_row[t] >= GAIN_THRESHOLD]
+        counted.append(f"seed {seed}: {', '.join(tasks) or 'none'}")
     c = payload["correlation"]
+    lines += ["", f"Tasks counted in gain kept (fine-tuning gain ≥ 3 points): {'; '.join(counted)}."]
     lines += ["", f"Spearman rank correlation between ρ and gain kept over the {c['points']} merge methods: "
               f"{harness.fmt(c['spearman_rho_vs_gain_kept'], 2)} (per seed: "
               f"{harness.fmt(c['spearman_rho_vs_gain_kept_per_seed'], 2)})."]

@@ -477,7 +477,9 @@ def render(result: dict) -> str:
              f"{MIN_GAIN} nats there, then over seeds (± one standard error across seeds). Normalized = "
              "L_expert / L_merged on the own domain. ρ: residual energy captured on the calibration data. "
              "An `expert:<domain>` row scores that expert alone as if it were the merge (gain kept 1 on its own "
-             "domain, negative on the others)."), ""]
+             "domain, negative on the others). The benchmark computes each expert's statistics once, untimed, "
+             "for ρ, so every output_qp merge here finds them in its cache (the cost of computing them: "
+             "perf.md)."), ""]
     for setting, block in result["settings"].items():
         lines += [f"## Setting `{setting}`", "",
                   "| method | gain kept (± se) | normalized | mean loss | " + " | ".join(DOMAINS)
