@@ -15,10 +15,12 @@ import logging
 import math
 import re
 import threading
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from mergekit.graph import Task
 from mergekit.merge_methods.base import (
     BasePolicy,
     GroupMergeMethod,
@@ -28,6 +30,7 @@ from mergekit.merge_methods.base import (
     ParameterSpec,
     TensorGroup,
 )
+from pydantic import ConfigDict
 
 from . import qp, report
 from .diagnostic import augmented_gram
@@ -36,10 +39,15 @@ from .statistics import EmbeddingStats, LinearStats, NormStats
 LOG = logging.getLogger("mergekit_qp")
 
 METHOD_NAME = "output_qp"
+# (expert, module) → statistics of one layer in sequential mode, set by the layer's graph task
+# around the merge calls it makes; unset (None) in independent mode.
+LAYER_STATISTICS: ContextVar[Optional[Dict[Tuple[str, str], Any]]] = ContextVar("output_qp_layer_statistics",
+                                                                                 default=None)
 FALLBACKS = ("linear", "task_arithmetic", "base")
+TARGETS = ("merged_inputs", "expert_outputs")
 # Settings of the forward passes: one value for the whole merge, so plain top-level scalars.
 CALIBRATION_SETTINGS = ("calibration_field", "calibration_samples", "calibration_seq_len",
-                        "calibration_seed", "cache_dir")
+                        "calibration_seed", "cache_dir", "sequential", "target")
 
 
 def _parameters() -> Tuple[ParameterSpec, ...]:
@@ -63,6 +71,9 @@ def _parameters() -> Tuple[ParameterSpec, ...]:
         shared("calibration_seq_len", int, 512, "maximum tokens per calibration sequence"),
         shared("calibration_seed", int, 0, "seed of the deterministic sample selection"),
         shared("basis", str, "full", "full | diagonal | task | rank-N"),
+        shared("sequential", bool, False, "layer by layer: statistics on the inputs of the already-merged layers"),
+        shared("target", str, "expert_outputs",
+               "sequential: fit expert_outputs (the experts' own outputs) or merged_inputs (each expert on the merged inputs)"),
         shared("ridge", float, 1e-4, "Tikhonov weight relative to tr(G)/d, centred on the average update"),
         shared("nonneg", bool, False, "task basis: coefficients ≥ 0"),
         shared("sum_to_one", bool, False, "task basis: coefficients sum to one"),
@@ -108,6 +119,8 @@ def validate_values(params: Dict[str, Any], where: str = "") -> None:
         raise ValueError(
             f"output_qp: invalid fallback {params['fallback']!r}{at}; valid: {', '.join(FALLBACKS)}"
         )
+    if params.get("target", TARGETS[0]) not in TARGETS:
+        raise ValueError(f"output_qp: invalid target {params['target']!r}{at}; valid: {', '.join(TARGETS)}")
     if basis.kind != "task" and (params.get("nonneg") or params.get("sum_to_one")):
         raise ValueError(f"output_qp: nonneg / sum_to_one apply to basis: task only{at}")
     if "weight" in params and not (math.isfinite(params["weight"]) and params["weight"] > 0):
@@ -156,11 +169,17 @@ class OutputQPMerge(GroupMergeMethod):
             return base.tensor
         self.tasks = [str(e.id) for e in experts]
 
-        stats = statistics_for(base, experts, params, device=base.tensor.device)
         module, _, leaf = name.rpartition(".")
-        found = [s.lookup(module) for s in stats]
+        layer_statistics = LAYER_STATISTICS.get()
+        if layer_statistics is not None:
+            # Sequential merging: the statistics of this layer on the merged model's inputs,
+            # handed over by the graph task that merges the layer.
+            found = [layer_statistics.get((str(e.id), module)) for e in experts]
+        else:
+            stats = statistics_for(base, experts, params, device=base.tensor.device)
+            found = [s.lookup(module) for s in stats]
         kinds = {type(f) for f in found}
-        if None in kinds or len(kinds) != 1:
+        if any(f is None for f in found) or len(kinds) != 1:
             return self._fallback(group, weights, params, "no calibration statistics")
         kind = kinds.pop()
         try:
@@ -194,24 +213,38 @@ class OutputQPMerge(GroupMergeMethod):
         weight_group = group if part == "weight" else partner
         bias_group = partner if part == "weight" else group
 
-        w0 = weight_group.base.tensor
-        deltas = [(e.tensor.double() - w0.double()) for e in weight_group.non_base]
-        grams = [s.gram.to(w0.device, torch.float64) for s in found]
+        # GPT-2's Conv1D stores W as in × out: solve on the transpose, return the stored layout.
+        transposed = found[0].transposed
+        stored = weight_group.base.tensor
+        w0 = stored.double().T if transposed else stored.double()
+        experts_w = [e.tensor.double().T if transposed else e.tensor.double() for e in weight_group.non_base]
+        deltas = [w - w0 for w in experts_w]
+        device = stored.device
+        grams = [s.gram.to(device, torch.float64) for s in found]
         d = w0.shape[1]
         if any(g.shape != (d, d) for g in grams):
             raise _ShapeMismatch(f"statistics of width {grams[0].shape[0]} for a weight of width {d}")
         if bias_group is not None:
             # Homogeneous coordinates: x → [x, 1] so the bias is solved jointly with W.
             b0 = bias_group.base.tensor.double()
-            deltas = [torch.cat([dw, (e.tensor.double() - b0)[:, None]], 1) for dw, e in zip(deltas, bias_group.non_base)]
-            grams = [augmented_gram(g, s.mean.to(w0.device, torch.float64)) for g, s in zip(grams, found)]
+            w0 = torch.cat([w0, b0[:, None]], 1)
+            experts_w = [torch.cat([w, e.tensor.double()[:, None]], 1) for w, e in zip(experts_w, bias_group.non_base)]
+            deltas = [w - w0 for w in experts_w]
+            grams = [augmented_gram(g, s.mean.to(device, torch.float64)) for g, s in zip(grams, found)]
+
+        unreachable = None
+        if found[0].cross is not None:
+            # Sequential merging, expert-output target: fit the experts' own outputs from the
+            # merged model's inputs (design §3.1), through equivalent task vectors.
+            deltas, unreachable = _expert_output_problem(w0, experts_w, deltas, grams, found, bias_group is not None)
 
         update = self._solve(deltas, grams, weights, params)
         # One record per linear map (weight and bias solved together), under the weight's name.
-        self._record(f"{module}.weight", update, deltas, grams, weights)
+        self._record(f"{module}.weight", update, deltas, grams, weights, unreachable)
+        new_w = w0[:, :d] + update[:, :d]
+        new_w = (new_w.T if transposed else new_w).to(stored.dtype)
         if bias_group is None:
-            return (w0.double() + update).to(w0.dtype)
-        new_w = (w0.double() + update[:, :d]).to(w0.dtype)
+            return new_w
         new_b = (bias_group.base.tensor.double() + update[:, d]).to(bias_group.base.tensor.dtype)
         mine, theirs = (new_w, new_b) if part == "weight" else (new_b, new_w)
         with self._lock:
@@ -250,14 +283,13 @@ class OutputQPMerge(GroupMergeMethod):
             b0 = bias_group.base.tensor.double()
             bias_deltas = [e.tensor.double() - b0 for e in bias_group.non_base]
         dev = g0.device
+        m2 = [s.m2.to(dev, torch.float64) for s in found]
+        m1 = [s.m1.to(dev, torch.float64) for s in found]
+        if found[0].cross is not None:
+            scale_deltas, bias_deltas = _expert_output_norm(scale_group, bias_group, scale_deltas, bias_deltas,
+                                                            found, m2, m1)
         scale, bias = qp.featurewise_affine_update(
-            scale_deltas,
-            bias_deltas,
-            [s.m2.to(dev, torch.float64) for s in found],
-            [s.m1.to(dev, torch.float64) for s in found],
-            weights,
-            float(params["ridge"]),
-        )
+            scale_deltas, bias_deltas, m2, m1, weights, float(params["ridge"]))
         result = scale if part == "weight" else bias
         return (group.base.tensor.double() + result.to(dev).double()).to(group.base.tensor.dtype)
 
@@ -289,8 +321,16 @@ class OutputQPMerge(GroupMergeMethod):
             total = total / sum(weights)
         return (base.double() + total).to(base.dtype)
 
-    def _record(self, name, update, deltas, grams, weights) -> None:
-        record = report.tensor_record(name, qp.objective(update, deltas, grams, weights), weights)
+    def _record(self, name, update, deltas, grams, weights, unreachable=None) -> None:
+        objective = qp.objective(update, deltas, grams, weights)
+        if unreachable is not None:
+            # Energy no weight of this layer can reach (drift of the inputs): counted in both
+            # J and E, so that ρ is the share of the experts' true output change kept.
+            per = tuple(j + u for j, u in zip(objective.per_task, unreachable))
+            energy = tuple(e + u for e, u in zip(objective.energy_per_task, unreachable))
+            objective = qp.Objective(per, energy, sum(w * j for w, j in zip(weights, per)),
+                                     sum(w * e for w, e in zip(weights, energy)))
+        record = report.tensor_record(name, objective, weights)
         with self._lock:
             self.records.append(record)
 
@@ -301,6 +341,57 @@ class OutputQPMerge(GroupMergeMethod):
             records, tasks = list(self.records), list(self.tasks)
         if settings is not None:
             report.write_report(out_path, report.build_report(records, tasks, settings))
+
+
+def _expert_output_problem(w0, experts_w, deltas, grams, found, with_bias: bool):
+    """Equivalent task vectors for the expert-output target (qp.drift_corrected_task_vector)
+    and, per task, the output energy that no update of this weight can reach."""
+    device = w0.device
+    new_deltas, unreachable = [], []
+    for wk, dk, gk, s in zip(experts_w, deltas, grams, found):
+        ck = s.cross.to(device, torch.float64)
+        ek = s.expert_gram.to(device, torch.float64)
+        if with_bias:
+            mean, expert_mean = s.mean.to(device, torch.float64), s.expert_mean.to(device, torch.float64)
+            ck = torch.cat([torch.cat([ck, expert_mean[:, None]], 1), torch.cat([mean, mean.new_ones(1)])[None]], 0)
+            ek = augmented_gram(ek, expert_mean)
+        if ck.shape != gk.shape:
+            raise _ShapeMismatch(f"cross statistics of shape {tuple(ck.shape)} for a Gram of shape {tuple(gk.shape)}")
+        corrected = qp.drift_corrected_task_vector(dk, wk, ck, gk)
+        # ‖Xk Wkᵀ − X̂ W0ᵀ‖²/n, and the part of it the equivalent problem sees.
+        true_energy = float(((wk @ ek) * wk).sum() - 2 * ((wk @ ck) * w0).sum() + ((w0 @ gk) * w0).sum())
+        seen = float(((corrected @ gk) * corrected).sum())
+        new_deltas.append(corrected)
+        unreachable.append(max(0.0, true_energy - seen))
+    return new_deltas, unreachable
+
+
+def _expert_output_norm(scale_group, bias_group, scale_deltas, bias_deltas, found, m2, m1):
+    """The expert-output target for a norm layer: per feature, the same correction as for a
+    linear map on [x̃, 1] (a 1×1 or 2×2 system per feature)."""
+    out_scale, out_bias = [], []
+    for k, (e, s) in enumerate(zip(scale_group.non_base, found)):
+        dev = m2[k].device
+        cross = s.cross.to(dev, torch.float64)
+        gamma = e.tensor.double()
+        if bias_group is None:
+            v = scale_deltas[k][:, None, None]
+            w = gamma[:, None, None]
+            c = cross[:, None, None]
+            g = m2[k][:, None, None]
+        else:
+            beta = bias_group.non_base[k].tensor.double()
+            expert_m1 = s.expert_m1.to(dev, torch.float64)
+            one = torch.ones_like(gamma)
+            v = torch.stack([scale_deltas[k], bias_deltas[k]], -1)[:, None, :]
+            w = torch.stack([gamma, beta], -1)[:, None, :]
+            c = torch.stack([torch.stack([cross, expert_m1], -1), torch.stack([m1[k], one], -1)], -2)
+            g = torch.stack([torch.stack([m2[k], m1[k]], -1), torch.stack([m1[k], one], -1)], -2)
+        corrected = qp.drift_corrected_task_vector(v, w, c, g)[:, 0, :]
+        out_scale.append(corrected[:, 0])
+        if bias_group is not None:
+            out_bias.append(corrected[:, 1])
+    return out_scale, (out_bias if bias_group is not None else None)
 
 
 class _ShapeMismatch(Exception):
@@ -390,6 +481,9 @@ def check_config(config) -> None:
                     f"output_qp: {key!r} in {where} must be a plain value in the top-level parameters "
                     "(one forward pass per expert serves the whole merge)"
                 )
+            if key == "target" and not (settings or {}).get("sequential"):
+                raise ValueError(f"output_qp: target in {where} applies to sequential: true only "
+                                 "(in independent mode each expert's own inputs are the merged model's)")
             if key == "calibration" and not plain:
                 raise ValueError(f"output_qp: calibration in {where} must be a path or dataset name, not {value!r}")
         scalars = {}
@@ -421,6 +515,27 @@ def check_slices(config) -> None:
                         "every source must supply the same layer indices as the output layers it fills"
                     )
             position += out_slice.sources[0].layer_range[1] - out_slice.sources[0].layer_range[0]
+
+
+def is_sequential(config) -> bool:
+    return config.merge_method == METHOD_NAME and bool((config.parameters or {}).get("sequential"))
+
+
+def check_sequential(planner) -> None:
+    """Refuse what sequential merging cannot do before any forward pass is run."""
+    if not is_sequential(planner.config):
+        return
+    from .layers import Backbone
+
+    config = planner.config
+    if config.tokenizer is not None or config.tokenizer_source is not None:
+        raise ValueError("output_qp: sequential: true cannot be combined with a tokenizer merge "
+                         "(tokenizer / tokenizer_source): calibration runs on the base model's token ids")
+    if len(config.modules) != 1:
+        raise ValueError(f"output_qp: sequential: true needs a single-module model; this one has modules "
+                         f"{', '.join(config.modules)}")
+    base = config.base_model
+    Backbone(base.config(trust_remote_code=planner.options.trust_remote_code))  # raises for other architectures
 
 
 def precompute_statistics(planner) -> None:
@@ -472,12 +587,27 @@ def patch_mergekit() -> None:
         check_planner_api(MergePlanner)
         original_normalize = MergePlanner.normalize_config
         original_plan_tensor = MergePlanner.plan_tensor
+        original_plan_layer = MergePlanner.plan_layer
+        original_plan = MergePlanner._plan
 
         def normalize_config(self):
             check_config(self.config)
             original_normalize(self)
             check_slices(self.config)
+            check_sequential(self)
             precompute_statistics(self)
+
+        def plan_layer(self, sources, layer_offset, t, cfg_reader, module_name):
+            # Remember which planned tensors make up each output layer (sequential merging).
+            before = len(self._tensors)
+            original_plan_layer(self, sources, layer_offset, t, cfg_reader, module_name)
+            self.__dict__.setdefault("_output_qp_layers", []).append(list(range(before, len(self._tensors))))
+
+        def _plan(self):
+            self._output_qp_layers = []
+            original_plan(self)
+            if is_sequential(self.config):
+                plan_sequential(self, self._output_qp_layers)
 
         def plan_tensor(self, weight, weights_in, models, cfg_reader):
             # mergekit 0.1.5 computes `[w.name] + (w.aliases or [])` for optional weights, and
@@ -487,6 +617,8 @@ def patch_mergekit() -> None:
 
         MergePlanner.normalize_config = normalize_config
         MergePlanner.plan_tensor = plan_tensor
+        MergePlanner.plan_layer = plan_layer
+        MergePlanner._plan = _plan
         _patch_outputs()
         _patched = True
 
@@ -529,6 +661,8 @@ def check_planner_api(planner_class) -> None:
     expected = {
         (planner_class, "normalize_config"): ["self"],
         (planner_class, "plan_tensor"): ["self", "weight", "weights_in", "models", "cfg_reader"],
+        (planner_class, "plan_layer"): ["self", "sources", "layer_offset", "t", "cfg_reader", "module_name"],
+        (planner_class, "_plan"): ["self"],
         (FinalizeModel, "execute"): ["self", "writer", "kwargs"],
         (mergekit.merge, "generate_card"): ["config", "config_yaml", "name"],
     }
@@ -662,3 +796,358 @@ def diagnose(config_path: str, merged_path: str, calibration_config: Optional[st
     ]
     return report.build_report(records, names, {"merge_method": config.merge_method, "merged": merged_path,
                                                 **{k: v for k, v in shared.items() if k != "cache_dir"}})
+
+
+# -- sequential merging: the calibration chain inside mergekit's task graph ---------------------
+# Per layer L, one `SequentialStep` task takes the chain state (the calibration hidden states
+# of every task, on the merged model and, for the expert-output target, on each expert),
+# gathers the layer's raw tensors, computes statistics stage by stage (q/k/v, then o_proj
+# with q/k/v merged, ...), calls the layer's own mergekit merge tasks with those statistics
+# in a context variable, and runs the merged layer to produce the next state. A
+# `SequentialTensor` per weight hands the merged tensor to mergekit's writer.
+# Chain tasks hash and compare by key: by value, every hash would walk the whole chain.
+# Labels sort as seq.<layer>.<phase>, so the scheduler (which orders ready tasks by label)
+# saves layer L, then loads layer L+1, then merges it; loads are gated behind the previous
+# step, so raw tensors of later layers are not read early and memory stays at about a layer.
+
+@dataclass
+class SequentialSetup:
+    """What every step of one sequential merge shares (not part of any hash)."""
+
+    backbone: Any  # layers.Backbone of the base model
+    base: Any  # ModelReference
+    experts: Tuple[Any, ...]  # ModelReference, in the merge tasks' order
+    calibration: Tuple[str, ...]
+    settings: Any  # calibrate.CalibrationSettings
+    target: str
+    device: str
+    trust_remote_code: bool
+    layer_names: Dict[int, Dict[str, str]]  # layer → {canonical tensor name: name inside the layer}
+
+
+@dataclass
+class ChainState:
+    merged: List[List[Any]]  # per task: layers.Batch list, the merged model's hidden states
+    expert: Optional[List[List[Any]]]  # per task: the expert's own (expert-output target only)
+
+
+@dataclass
+class StepResult:
+    tensors: Dict[str, Optional[torch.Tensor]]
+    state: ChainState
+
+
+class _KeyedTask(Task[Any]):
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+    key: str
+
+    def __hash__(self):
+        return hash((type(self).__name__, self.key))
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.key == other.key
+
+
+def _label(layer: int, phase: int) -> str:
+    return f"seq.{layer:05d}.{phase}"
+
+
+class GatedLoad(Task[Optional[torch.Tensor]]):
+    """mergekit's LoadTensor, run only once `gate` (the previous step) has run."""
+
+    load: Task
+    gate: Task
+    label: str
+
+    def arguments(self):
+        return {"gate": self.gate}
+
+    def execute(self, gate=None):
+        return self.load.execute()
+
+    def priority(self) -> int:
+        return self.load.priority()
+
+    def group_label(self) -> Optional[str]:
+        return self.label
+
+
+class GatedGather(Task[Dict[Any, torch.Tensor]]):
+    inner: Task  # GatherTensors
+    gate: Task
+    label: str
+
+    def arguments(self):
+        return {k: GatedLoad(load=v, gate=self.gate, label=self.label) for k, v in self.inner.arguments().items()}
+
+    def execute(self, **kwargs):
+        return self.inner.execute(**kwargs)
+
+    def group_label(self) -> Optional[str]:
+        return self.label
+
+
+class SequentialStart(_KeyedTask):
+    """The first layer's inputs: the calibration tokens through the merged embeddings (and,
+    for the expert-output target, through each expert's own)."""
+
+    setup: Any  # SequentialSetup (compared by the task's key, never validated or hashed)
+    merged: Tuple[Task, ...]  # merge tasks of the tensors before the first layer
+    names: Tuple[str, ...]
+
+    def arguments(self):
+        args = {f"m{i}": t for i, t in enumerate(self.merged)}
+        if self.setup.target == "expert_outputs":
+            args.update({f"r{i}": t.gather_tensors for i, t in enumerate(self.merged)})
+        return args
+
+    def group_label(self) -> Optional[str]:
+        return _label(0, 0)
+
+    def execute(self, **kwargs) -> StepResult:
+        from . import layers
+
+        setup = self.setup
+        device = torch.device(setup.device)
+        tokens = _calibration_batches(setup)
+        merged_weights = {n: kwargs[f"m{i}"] for i, n in enumerate(self.names) if kwargs[f"m{i}"] is not None}
+        merged = [layers.embed(setup.backbone, merged_weights, batches, device) for batches in tokens]
+        expert = None
+        if setup.target == "expert_outputs":
+            expert = []
+            for k, batches in enumerate(tokens):
+                own = {n: kwargs[f"r{i}"][setup.experts[k]] for i, n in enumerate(self.names)
+                       if setup.experts[k] in (kwargs[f"r{i}"] or {})}
+                expert.append(layers.embed(setup.backbone, own, batches, device))
+        return StepResult(tensors={}, state=ChainState(merged=merged, expert=expert))
+
+
+def _calibration_batches(setup: SequentialSetup):
+    """Per expert, its calibration sequences as right-padded (input_ids, mask) batches: the
+    same tokens the independent statistics use."""
+    from .calibrate import load_tokenizer, local_model_path
+    from .calibration import CalibrationSource, batches, load_records, tokenize_calibration
+
+    base_dir = local_model_path(setup.base)
+    tokenizer = load_tokenizer(base_dir, setup.trust_remote_code)
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    out = []
+    for path in setup.calibration:
+        source = CalibrationSource(path=str(path), field=setup.settings.field)
+        sequences = tokenize_calibration(load_records(source), tokenizer, samples=setup.settings.samples,
+                                         seq_len=setup.settings.seq_len, seed=setup.settings.seed,
+                                         source_name=source.path)
+        out.append(list(batches(sequences, max_tokens=setup.settings.max_batch_tokens, pad_id=pad_id)))
+    return out
+
+
+class SequentialStep(_KeyedTask):
+    """Merge layer `index` on the merged model's calibration inputs, stage by stage."""
+
+    setup: Any  # SequentialSetup (compared by the task's key, never validated or hashed)
+    index: int
+    previous: Task
+    merges: Tuple[Task, ...]  # this layer's ExecuteMergeMethodTasks, called from here
+
+    def arguments(self):
+        label = _label(self.index, 1)
+        args = {"previous": self.previous}
+        args.update({f"g{i}": GatedGather(inner=t.gather_tensors, gate=self.previous, label=label)
+                     for i, t in enumerate(self.merges)})
+        return args
+
+    def group_label(self) -> Optional[str]:
+        return _label(self.index, 2)
+
+    def uses_accelerator(self) -> bool:
+        return True
+
+    def execute(self, previous: StepResult, **gathered) -> StepResult:
+        from . import layers
+
+        setup, index = self.setup, self.index
+        device = torch.device(setup.device)
+        local = setup.layer_names[index]
+        raw = {t.output_weight.name: gathered[f"g{i}"] for i, t in enumerate(self.merges)}
+        base_weights = {local[n]: v[setup.base] for n, v in raw.items() if setup.base in v}
+        state = previous.state
+        structure = setup.backbone.layer(index, base_weights, device)
+        stage_list = layers.stages(structure, index, state.merged[0][0])
+        del structure
+
+        expert_rows = None
+        next_expert = None
+        if state.expert is not None:
+            expert_rows, next_expert = [], []
+            for k, expert in enumerate(setup.experts):
+                own = setup.backbone.layer(index, {local[n]: v[expert] for n, v in raw.items() if expert in v}, device)
+                rows, outputs = layers.all_module_inputs(own, index, state.expert[k], [s[0] for s in stage_list])
+                expert_rows.append((own, rows))
+                next_expert.append(outputs)
+
+        prefix = _layer_prefix(local)
+        by_module: Dict[str, List[Task]] = {}
+        for t in self.merges:
+            by_module.setdefault(local[t.output_weight.name].rpartition(".")[0], []).append(t)
+        merged_local: Dict[str, torch.Tensor] = {}
+        merged: Dict[str, Optional[torch.Tensor]] = {}
+        for stage in stage_list:
+            layer = setup.backbone.layer(index, {**base_weights, **merged_local}, device)
+            found = {}
+            for k, expert in enumerate(setup.experts):
+                rows = layers.stage_inputs(layer, index, stage[0], state.merged[k])
+                other = None if expert_rows is None else expert_rows[k]
+                stats = _stage_statistics(layer, stage[0], rows, other)
+                for module in stage:
+                    found[(str(expert), prefix + module)] = stats
+            del layer
+            token = LAYER_STATISTICS.set(found)
+            try:
+                for module in stage:
+                    for t in by_module.pop(module, []):
+                        result = t.execute(tensors=raw[t.output_weight.name])
+                        merged[t.output_weight.name] = result
+                        if result is not None:
+                            merged_local[local[t.output_weight.name]] = result
+            finally:
+                LAYER_STATISTICS.reset(token)
+        token = LAYER_STATISTICS.set({})  # tensors of no hooked module: the configured fallback
+        try:
+            for tasks in by_module.values():
+                for t in tasks:
+                    merged[t.output_weight.name] = t.execute(tensors=raw[t.output_weight.name])
+                    if merged[t.output_weight.name] is not None:
+                        merged_local[local[t.output_weight.name]] = merged[t.output_weight.name]
+        finally:
+            LAYER_STATISTICS.reset(token)
+        layer = setup.backbone.layer(index, {**base_weights, **merged_local}, device)
+        next_merged = [layers.run_layer(layer, index, batches) for batches in state.merged]
+        return StepResult(tensors=merged, state=ChainState(merged=next_merged, expert=next_expert))
+
+
+def _layer_prefix(local: Dict[str, str]) -> str:
+    name, inside = next(iter(local.items()))
+    return name[: len(name) - len(inside)]
+
+
+def _moments(rows_list, other_list=None):
+    """Σ aᵀb / n over batches (a = other rows if given, b = rows). Products in float64: the
+    expert-output target inverts per-task Grams, whose near-null directions float32 sums
+    fill with noise."""
+    total, count = None, 0
+    for i, rows in enumerate(rows_list):
+        left = rows if other_list is None else other_list[i]
+        g = left.double().T @ rows.double()
+        total = g if total is None else total + g
+        count += rows.shape[0]
+    return total / max(count, 1)
+
+
+def _mean(rows_list):
+    return sum(r.double().sum(0) for r in rows_list) / max(sum(r.shape[0] for r in rows_list), 1)
+
+
+def _stage_statistics(layer, module_name: str, rows, expert):
+    """Statistics of one stage's shared input for one task (merged-model rows; the expert's
+    own rows at the same tokens for the expert-output target)."""
+    from . import layers
+
+    module = layer.get_submodule(module_name)
+    expert_rows = None
+    if expert is not None:
+        own_layer, own_rows = expert
+        expert_rows = own_rows[module_name]
+    if layers.is_linear(module):
+        transposed = layers.is_conv1d(module)
+        if expert_rows is None:
+            return LinearStats(gram=_moments(rows), mean=_mean(rows), transposed=transposed)
+        return LinearStats(gram=_moments(rows), mean=_mean(rows), cross=_moments(rows, expert_rows),
+                           expert_mean=_mean(expert_rows), expert_gram=_moments(expert_rows), transposed=transposed)
+    normed = [layers.normalised(layer, module_name, r) for r in rows]
+    m2 = _mean([r * r for r in normed])
+    m1 = _mean(normed)
+    if expert_rows is None:
+        return NormStats(m2=m2, m1=m1)
+    own = [layers.normalised(own_layer, module_name, r) for r in expert_rows]
+    return NormStats(m2=m2, m1=m1, cross=_mean([a * b for a, b in zip(own, normed)]), expert_m1=_mean(own))
+
+
+class SequentialTensor(_KeyedTask):
+    """One merged tensor of a step, for mergekit's writer."""
+
+    step: Task
+    name: str
+    index: int
+
+    def arguments(self):
+        return {"step": self.step}
+
+    def group_label(self) -> Optional[str]:
+        return _label(self.index, 3)
+
+    def execute(self, step: StepResult) -> Optional[torch.Tensor]:
+        return step.tensors.get(self.name)
+
+
+def plan_sequential(planner, layer_entries: List[List[int]]) -> None:
+    """Rewrite the planned tensors of an output_qp merge with `sequential: true` into the
+    chain above (called after mergekit has planned every tensor)."""
+    import uuid
+
+    from .calibrate import CalibrationSettings
+    from .layers import Backbone, layer_local_name
+
+    config = planner.config
+    if len(config.modules) != 1:
+        raise ValueError("output_qp: sequential: true needs a single-module model (this one has "
+                         f"modules {', '.join(config.modules)})")
+    tensors = planner._tensors
+    in_layers = {i for entries in layer_entries for i in entries}
+    first_layer = min(in_layers) if in_layers else len(tensors)
+    pre = [i for i in range(first_layer) if i not in in_layers]
+    merge0 = tensors[layer_entries[0][0]][1] if layer_entries and layer_entries[0] else None
+    if merge0 is None:
+        raise ValueError("output_qp: sequential: true found no layers to merge")
+    base = merge0.base_model
+    experts = tuple(m for m in merge0.model_order if m != base)
+    params = dict(merge0.parameters.items())
+    calibration = []
+    for m in experts:
+        value = merge0.input_parameters[m]["calibration"]
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"output_qp: no calibration data for model {m}: sequential merging needs one per expert")
+        calibration.append(value)
+    backbone = Backbone(base.config(trust_remote_code=planner.options.trust_remote_code))
+    if len(layer_entries) != backbone.num_layers:
+        raise ValueError(f"output_qp: sequential: true needs the output to have the base model's "
+                         f"{backbone.num_layers} layers; the config gives {len(layer_entries)}")
+    layer_names: Dict[int, Dict[str, str]] = {}
+    for index, entries in enumerate(layer_entries):
+        names = {}
+        for i in entries:
+            name = tensors[i][0].name
+            parsed = layer_local_name(name)
+            if parsed is None or parsed[0] != index:
+                raise ValueError(f"output_qp: sequential: tensor {name} of output layer {index} does not "
+                                 "name that layer")
+            names[name] = parsed[1]
+        layer_names[index] = names
+    setup = SequentialSetup(
+        backbone=backbone, base=base, experts=experts, calibration=tuple(calibration),
+        settings=CalibrationSettings.from_params(params), target=params["target"],
+        device=str(planner.options.device or "cpu"), trust_remote_code=bool(planner.options.trust_remote_code),
+        layer_names=layer_names)
+    run = uuid.uuid4().hex
+    previous: Task = SequentialStart(key=f"{run}/start", setup=setup,
+                                     merged=tuple(tensors[i][1] for i in pre),
+                                     names=tuple(tensors[i][0].name for i in pre))
+    replaced = {}
+    for index, entries in enumerate(layer_entries):
+        step = SequentialStep(key=f"{run}/{index}", setup=setup, index=index, previous=previous,
+                              merges=tuple(tensors[i][1] for i in entries))
+        for i in entries:
+            weight = tensors[i][0]
+            replaced[i] = (weight, SequentialTensor(key=f"{run}/{index}/{weight.name}", step=step,
+                                                    name=weight.name, index=index))
+        previous = step
+    planner._tensors = [replaced.get(i, entry) for i, entry in enumerate(tensors)]

@@ -25,8 +25,8 @@ import torch
 
 __all__ = [
     "Objective", "combine_task_vectors", "diagonal_update", "featurewise_affine_update",
-    "full_update", "low_rank_update", "objective", "rowwise_update", "task_update",
-    "update_spectrum",
+    "drift_corrected_task_vector", "full_update", "low_rank_update", "objective", "rowwise_update",
+    "task_update", "update_spectrum",
 ]
 
 _F64 = torch.float64
@@ -344,6 +344,34 @@ def task_update(task_vectors, grams, weights, ridge: float = 0.0, nonneg: bool =
     lam = ridge * tr / K if tr > 0 else ridge
     c = _coefficients(M, b, cbar, lam, nonneg, sum_to_one)
     return combine_task_vectors(vs, c), c
+
+
+# -- sequential merging: the expert-output target ------------------------------------------------
+def drift_corrected_task_vector(task_vector, expert_weight, cross, gram, eps: float = 1e-4) -> torch.Tensor:
+    """The task vector Δ'k for which the independent-form objective on the merged model's
+    inputs X̂ equals, up to a constant, the error against the expert's own outputs Xk Wkᵀ:
+
+        Δ'k = Δk + Wk (Ck − Ĝk)(Ĝk + εI)⁻¹,   Ck = Xkᵀ X̂ / n,  Ĝk = X̂ᵀ X̂ / n,
+
+    so that Δ'k Ĝk = Wk Ck − W0 Ĝk = Pk (the target's cross term). The correction is the
+    regression of the expert's true output on the merged inputs minus its output on them;
+    its rows lie in the span of Ĝk, so directions no merged input excites keep Δk. ε is
+    relative to tr(Ĝk)/d and damps near-null directions: statistics summed in float32 put
+    noise of ~1e-7 of the trace there, which an undamped inverse would turn into large
+    corrections (measured in tests/test_sequential.py). Batched over leading dims
+    (norm layers solve one small system per feature). float64 in, float64 out."""
+    v = torch.as_tensor(task_vector, dtype=_F64)
+    w = torch.as_tensor(expert_weight, dtype=_F64, device=v.device)
+    c = torch.as_tensor(cross, dtype=_F64, device=v.device)
+    g = torch.as_tensor(gram, dtype=_F64, device=v.device)
+    for name, t in (("task_vector", v), ("expert_weight", w), ("cross", c), ("gram", g)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or Inf")
+    n = g.shape[-1]
+    # X (Ĝ + ε s I) = R  ⇔  X (Ĝ/s + ε I) = R/s, with s = tr(Ĝ)/d per system (scale-free ε).
+    scale = (g.diagonal(dim1=-2, dim2=-1).sum(-1) / n).clamp(min=torch.finfo(_F64).tiny)[..., None, None]
+    correction = _solve_dev(g / scale, (w @ (c - g)) / scale, eps)
+    return v + correction
 
 
 # -- diagnostics --------------------------------------------------------------------------------------

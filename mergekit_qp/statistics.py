@@ -212,12 +212,20 @@ class StatisticsCollector:
 class LinearStats:
     gram: torch.Tensor  # d × d, E[x xᵀ]
     mean: torch.Tensor  # d, E[x]
+    # Sequential merging with the expert-output target: x is the merged model's input and
+    # x_e the expert's own input at the same token; cross = E[x_e xᵀ], expert_gram = E[x_e x_eᵀ].
+    cross: Optional[torch.Tensor] = None
+    expert_mean: Optional[torch.Tensor] = None
+    expert_gram: Optional[torch.Tensor] = None
+    transposed: bool = False  # GPT-2 Conv1D: the weight is stored in × out
 
 
 @dataclass(frozen=True)
 class NormStats:
     m2: torch.Tensor  # d, E[x̃²]
     m1: torch.Tensor  # d, E[x̃]
+    cross: Optional[torch.Tensor] = None  # d, E[x̃_e x̃] (expert-output target, as above)
+    expert_m1: Optional[torch.Tensor] = None  # d, E[x̃_e]
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,11 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
+import transformers
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+# Decoder architectures besides Llama with the same tiny shape (sequential merging supports them).
+DECODERS = {"mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 
 WORDS = [f"w{i}" for i in range(60)]
 
@@ -29,15 +33,24 @@ def make_tokenizer(kind: str) -> PreTrainedTokenizerFast:
                                    bos_token="<s>", eos_token="</s>")
 
 
-def make_model(kind: str, vocab_size: int):
+def make_model(kind: str, vocab_size: int, init_range: float = 0.02):
     if kind == "bert":
         config = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=48, max_position_embeddings=64)
+                            intermediate_size=48, max_position_embeddings=64, initializer_range=init_range)
         return BertModel(config)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    return LlamaForCausalLM(config)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                         bos_token_id=2, eos_token_id=3, initializer_range=init_range)
+        return transformers.GPT2LMHeadModel(config)
+    shape = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+                 initializer_range=init_range)
+    if kind in DECODERS:
+        prefix = DECODERS[kind]
+        extra = {"head_dim": 8} if kind == "qwen3" else {}
+        config = getattr(transformers, f"{prefix}Config")(**shape, **extra)
+        return getattr(transformers, f"{prefix}ForCausalLM")(config)
+    return LlamaForCausalLM(LlamaConfig(**shape))
 
 
 def perturb(model, seed: int, scale: float = 0.05):
@@ -62,14 +75,14 @@ def write_calibration(path: Path, seed: int, lo: int, hi: int, n: int = 24):
             fp.write(json.dumps({"text": " ".join(words)}) + "\n")
 
 
-def build(kind: str, root: Path) -> dict:
+def build(kind: str, root: Path, init_range: float = 0.02) -> dict:
     """base/, expert_a/, expert_b/ (with tokenizer), calib_a.jsonl, calib_b.jsonl under root."""
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(kind)
     paths = {}
     for name, seed in (("base", None), ("expert_a", 1), ("expert_b", 2)):
         torch.manual_seed(0)
-        model = make_model(kind, len(tokenizer))
+        model = make_model(kind, len(tokenizer), init_range)
         if seed is not None:
             perturb(model, seed)
         out = root / name
