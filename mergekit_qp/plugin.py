@@ -72,7 +72,7 @@ def _parameters() -> Tuple[ParameterSpec, ...]:
         shared("calibration_seed", int, 0, "seed of the deterministic sample selection"),
         shared("basis", str, "full", "full | diagonal | task | rank-N"),
         shared("sequential", bool, False, "layer by layer: statistics on the inputs of the already-merged layers"),
-        shared("target", str, "expert_outputs",
+        shared("target", str, "merged_inputs",
                "sequential: fit expert_outputs (the experts' own outputs) or merged_inputs (each expert on the merged inputs)"),
         shared("ridge", float, 1e-4, "Tikhonov weight relative to tr(G)/d, centred on the average update"),
         shared("nonneg", bool, False, "task basis: coefficients ≥ 0"),
@@ -666,6 +666,16 @@ def check_planner_api(planner_class) -> None:
         (FinalizeModel, "execute"): ["self", "writer", "kwargs"],
         (mergekit.merge, "generate_card"): ["config", "config_yaml", "name"],
     }
+    from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+
+    # Sequential merging reads these fields of mergekit's per-tensor merge task and calls it.
+    needed = {"gather_tensors", "model_order", "base_model", "output_weight", "parameters", "input_parameters"}
+    missing = needed - set(getattr(ExecuteMergeMethodTask, "model_fields", {}))
+    if missing:
+        raise RuntimeError(
+            f"mergekit {getattr(mergekit, '__version__', None) or _distribution_version()}: ExecuteMergeMethodTask "
+            f"lacks {', '.join(sorted(missing))}, which mergekit-qp {_package_version()} expects (written for "
+            "mergekit 0.1.5); output_qp is disabled. Upgrade mergekit-qp.")
     for (owner, name), params in expected.items():
         method = getattr(owner, name, None)
         if method is None or list(inspect.signature(method).parameters) != params:

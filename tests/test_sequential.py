@@ -86,7 +86,7 @@ def module_inputs(model, module_name, token_batches):
 def normalise(module, x):
     if isinstance(module, torch.nn.LayerNorm):
         return F.layer_norm(x, module.normalized_shape, eps=module.eps)
-    eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps")
+    eps = getattr(module, "variance_epsilon", None) or module.eps
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 

@@ -57,3 +57,18 @@ def test_a_planner_of_another_shape_is_refused():
     from mergekit.plan import MergePlanner
 
     plugin.check_planner_api(MergePlanner)  # the installed mergekit passes
+
+    # The hooks of sequential merging: the per-layer planning step and the final rewrite.
+    class LayerPlannerDrift(MergePlanner):
+        def plan_layer(self, sources, layer_offset, cfg_reader, module_name):
+            pass
+
+    with pytest.raises(RuntimeError, match="LayerPlannerDrift.plan_layer .* output_qp is disabled"):
+        plugin.check_planner_api(LayerPlannerDrift)
+
+    class PlanDrift(MergePlanner):
+        def _plan(self, out_path):
+            pass
+
+    with pytest.raises(RuntimeError, match="PlanDrift._plan .* output_qp is disabled"):
+        plugin.check_planner_api(PlanDrift)
