@@ -39,13 +39,14 @@ class Method:
 
 
 def method_grid(*, rank: int, smoke: bool = False) -> list[Method]:
-    """Built-ins beside every output_qp basis, a small ridge sweep and task-basis variants."""
+    """Built-ins beside every output_qp basis, a small ridge sweep, task-basis variants and sequential."""
     if smoke:
         return [
             Method("linear", "linear", {"weight": 1.0}),
             Method("ties", "ties", {"weight": 1.0, "density": 0.5}),
             Method("output_qp", "output_qp"),
             Method("output_qp task", "output_qp", parameters={"basis": "task"}),
+            Method("output_qp sequential", "output_qp", parameters={"sequential": True}),
         ]
     return [
         Method("linear", "linear", {"weight": 1.0}),
@@ -59,6 +60,10 @@ def method_grid(*, rank: int, smoke: bool = False) -> list[Method]:
         Method("output_qp task", "output_qp", parameters={"basis": "task"}),
         Method("output_qp task nonneg", "output_qp", parameters={"basis": "task", "nonneg": True}),
         Method(f"output_qp rank-{rank}", "output_qp", parameters={"basis": f"rank-{rank}"}),
+        # layer-wise: each layer's statistics on the inputs the already-merged layers produce
+        Method("output_qp sequential", "output_qp", parameters={"sequential": True, "target": "merged_inputs"}),
+        Method("output_qp sequential expert_outputs", "output_qp",
+               parameters={"sequential": True, "target": "expert_outputs"}),
     ]
 
 

@@ -39,21 +39,35 @@ BASES = ("full", "diagonal", "task", "rank-16")
 TOKEN_SWEEP = (32, 64, 128, 256)  # calibration samples of 128 tokens per expert
 
 RUNNER = r"""
-import json, os, sys, time
+import json, os, sys, threading, time
 import yaml
 import mergekit_qp
 mergekit_qp.register()
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
+
+# Peak anonymous RSS, sampled: VmHWM also counts the file-backed pages of the checkpoints mergekit
+# mmaps, which grow with model size whatever the method; RssAnon is what the merge itself holds.
+peak_anon = [0]
+def sample_anon(stop):
+    while not stop.wait(0.005):
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                peak_anon[0] = max(peak_anon[0], int(line.split()[1]))
+stop = threading.Event()
+threading.Thread(target=sample_anon, args=(stop,), daemon=True).start()
 config = MergeConfiguration.model_validate(yaml.safe_load(open(sys.argv[1])))
+shard = {"out_shard_size": int(sys.argv[3])} if len(sys.argv) > 3 else {}
 start = time.perf_counter(); cpu = time.process_time()
-run_merge(config, sys.argv[2], options=MergeOptions(quiet=True, copy_tokenizer=False))
+run_merge(config, sys.argv[2], options=MergeOptions(quiet=True, copy_tokenizer=False, **shard))
+wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+stop.set()
 # VmHWM, not ru_maxrss: on Linux ru_maxrss keeps the high-water mark of the process this one was
 # forked from (it survives fork and exec), so it would count perf.py's own memory.
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(json.dumps({"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu,
-                  "peak_rss_mb": int(hwm.split()[1]) / 1024}))
+print(json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": int(hwm.split()[1]) / 1024,
+                  "peak_anon_mb": peak_anon[0] / 1024}))
 """
 
 
@@ -103,10 +117,15 @@ def write_config(path: Path, paths: dict, method: str, samples: int, seq_len: in
     return path
 
 
-def run_merge_process(config: Path, out: Path, cache: Path) -> dict:
+def run_merge_process(config: Path, out: Path, cache: Path, out_shard_size: int | None = None) -> dict:
+    """One merge in a fresh process: wall, CPU, peak RSS (VmHWM) and sampled peak anonymous RSS.
+
+    `out_shard_size` (bytes) makes mergekit's writer flush output shards that often: it holds
+    every merged tensor of the current shard in memory (default 5 GB, i.e. the whole model here)."""
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, MERGEKIT_QP_CACHE=str(cache), HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-c", RUNNER, str(config), str(out)],
+    shard = [str(out_shard_size)] if out_shard_size else []
+    result = subprocess.run([sys.executable, "-c", RUNNER, str(config), str(out), *shard],
                             capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"merge failed for {config}:\n{result.stderr[-3000:]}")

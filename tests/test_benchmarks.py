@@ -43,6 +43,7 @@ def test_sequential_benchmark_smoke(tmp_path):
     assert {(r["layers"], r["method"]) for r in rows} == {(d, m) for d in (2, 4) for m in methods}
     for r in rows:
         assert r["wall_s"] > 0 and r["peak_rss_mb"] > 0 and math.isfinite(r["wall_vs_ties"])
+        assert 0 < r["peak_anon_mb"] <= r["peak_rss_mb"]
         if r["method"] == "ties":
             assert r["wall_vs_ties"] == 1.0
     assert (tmp_path / "sequential-smoke.png").stat().st_size > 0
