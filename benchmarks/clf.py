@@ -368,6 +368,8 @@ def main(argv=None) -> int:
             config = harness.merge_config(method, base, experts, calibration, calib_params, work / "cache")
             out = work / "merges" / f"s{seed}-{method.name.replace(' ', '_').replace('=', '')}"
             cost = harness.run_merge(config, out, work / "logs", threads=args.threads)
+            if method.svc_of:
+                cost["svc_s"] = harness.svc_seconds(base, experts, out)
             merged = AutoModel.from_pretrained(out)
             acc = {task: accuracy(heads[task], features(merged, tokenizer, test_x[task][0], max_len), test_x[task][1])
                    for task in TASKS}
@@ -414,7 +416,7 @@ def summarise(per_seed: dict, methods, base_acc, tasks, meta) -> dict:
     for name in names:
         rows = [per_seed[s][name] for s in per_seed]
         entry = {}
-        for key in ("gain_kept", "normalized", "accuracy", "rho", "wall_s", "cpu_s", "peak_rss_mb"):
+        for key in ("gain_kept", "normalized", "accuracy", "rho", "wall_s", "cpu_s", "peak_rss_mb", "svc_s"):
             values = [r.get(key) for r in rows]
             entry[key] = harness.mean(values) if any(v is not None for v in values) else None
             if key in ("gain_kept", "normalized", "rho"):
@@ -423,6 +425,7 @@ def summarise(per_seed: dict, methods, base_acc, tasks, meta) -> dict:
         entry["rho_by_task"] = {t: harness.mean(r["rho_by_task"][t] for r in rows) for t in rows[0]["rho_by_task"]}
         entry["calibration"] = rows[0].get("calibration")
         entry["seeds"] = {str(s): per_seed[s][name] for s in per_seed}
+        entry["svc_of"] = next((m.svc_of for m in methods if m.name == name), None)
         summary[name] = entry
     ties_wall = summary.get("ties", {}).get("wall_s")
     for entry in summary.values():
@@ -471,6 +474,8 @@ def render(payload: dict) -> str:
                  if summary[f"expert:{t}"]["seeds"][str(seed)]["per_task"][t] - base_row[t] >= GAIN_THRESHOLD]
         counted.append(f"seed {seed}: {', '.join(tasks) or 'none'}")
     c = payload["correlation"]
+    svc_lines = harness.svc_cost_lines(summary)
+    lines += ["", *svc_lines] if svc_lines else []
     lines += ["", f"Tasks counted in gain kept (fine-tuning gain ≥ 3 points): {'; '.join(counted)}."]
     lines += ["", f"Spearman rank correlation between ρ and gain kept over the {c['points']} merge methods: "
               f"{harness.fmt(c['spearman_rho_vs_gain_kept'], 2)} (per seed: "

@@ -32,10 +32,21 @@ class Method:
     merge_method: str
     model_parameters: dict = field(default_factory=dict)  # per expert
     parameters: dict = field(default_factory=dict)  # top level
+    svc_of: str | None = None  # singular value calibration of this other row's method
 
     @property
     def calibrated(self) -> bool:
         return self.merge_method == "output_qp"
+
+
+def with_svc(method: Method) -> Method:
+    """The same row with singular value calibration: `<method>_svc`, or `svc: true` on output_qp."""
+    if method.calibrated:
+        return Method(f"{method.name} svc", method.merge_method, method.model_parameters,
+                      {**method.parameters, "svc": True}, svc_of=method.name)
+    inner, _, rest = method.name.partition(" ")
+    return Method(f"{inner}_svc{' ' + rest if rest else ''}", f"{method.merge_method}_svc",
+                  method.model_parameters, method.parameters, svc_of=method.name)
 
 
 def method_grid(*, rank: int, smoke: bool = False) -> list[Method]:
@@ -47,13 +58,18 @@ def method_grid(*, rank: int, smoke: bool = False) -> list[Method]:
             Method("output_qp", "output_qp"),
             Method("output_qp task", "output_qp", parameters={"basis": "task"}),
             Method("output_qp sequential", "output_qp", parameters={"sequential": True}),
+            with_svc(Method("ties", "ties", {"weight": 1.0, "density": 0.5})),
         ]
+    task_arithmetic = [Method(f"task_arithmetic λ={lam}", "task_arithmetic", {"weight": lam}) for lam in (0.3, 0.5, 1.0)]
+    ties = Method("ties", "ties", {"weight": 1.0, "density": 0.5})
+    dare_ties = Method("dare_ties", "dare_ties", {"weight": 1.0, "density": 0.5})
+    output_qp = Method("output_qp", "output_qp")  # the defaults: basis full, ridge 1e-4
     return [
         Method("linear", "linear", {"weight": 1.0}),
-        *[Method(f"task_arithmetic λ={lam}", "task_arithmetic", {"weight": lam}) for lam in (0.3, 0.5, 1.0)],
-        Method("ties", "ties", {"weight": 1.0, "density": 0.5}),
-        Method("dare_ties", "dare_ties", {"weight": 1.0, "density": 0.5}),
-        Method("output_qp", "output_qp"),  # the defaults: basis full, ridge 1e-4
+        *[row for m in task_arithmetic for row in (m, with_svc(m))],
+        ties, with_svc(ties),
+        dare_ties, with_svc(dare_ties),
+        output_qp, with_svc(output_qp),
         Method("output_qp ridge=1e-2", "output_qp", parameters={"ridge": 1e-2}),
         Method("output_qp ridge=1e-1", "output_qp", parameters={"ridge": 1e-1}),
         Method("output_qp diagonal", "output_qp", parameters={"basis": "diagonal"}),
@@ -133,6 +149,47 @@ def run_merge(config: dict, out: Path, log_dir: Path, threads: int | None = None
         tail = "\n".join(log_path.read_text().splitlines()[-30:])
         raise RuntimeError(f"mergekit-yaml failed ({proc.returncode}) for {config_path}; log {log_path}:\n{tail}")
     return json.loads(cost_path.read_text())
+
+
+def svc_seconds(base: Path, experts: dict[str, Path], merged: Path) -> float:
+    """Time of singular value calibration alone on a merged model: `svc.calibrate` on every
+    2-D weight it applies to (not embeddings or output heads), in this process (same threads
+    as the merges). An SVD's cost depends on the shape, not on the values, so this is the SVC
+    share of the `_svc` merge without the noise of two separate merge processes."""
+    import time
+
+    from mergekit_qp import svc
+    from mergekit_qp.diagnostic import Checkpoint
+
+    base_ck, merged_ck = Checkpoint(str(base)), Checkpoint(str(merged))
+    expert_ck = [Checkpoint(str(p)) for p in experts.values()]
+    total = 0.0
+    for name in sorted(merged_ck.files):
+        tensor = merged_ck.get(name)
+        if tensor.ndim != 2 or "embed" in name or "lm_head" in name:
+            continue
+        b = base_ck.get(name).float()
+        deltas = [e.get(name).float() - b for e in expert_ck]
+        start = time.perf_counter()
+        svc.calibrate(tensor.float() - b, deltas)
+        total += time.perf_counter() - start
+        del deltas, b, tensor
+    return total
+
+
+def svc_cost_lines(methods: dict[str, dict]) -> list[str]:
+    """Markdown: each `_svc` row's calibration time against its inner method's merge time."""
+    rows = [(name, m) for name, m in methods.items() if m.get("svc_of") and m.get("svc_s") is not None]
+    if not rows:
+        return []
+    lines = ["SVC cost: singular value calibration alone (every 2-D weight, timed in the benchmark process) "
+             "against the whole `mergekit-yaml` merge of the inner method, same run.", "",
+             "| row | SVC s | inner merge s | SVC × inner merge |", "|---|---:|---:|---:|"]
+    for name, m in rows:
+        inner = methods[m["svc_of"]].get("wall_s")
+        ratio = f"{m['svc_s'] / inner:.3f}" if inner else "–"
+        lines.append(f"| {name} | {m['svc_s']:.2f} | {fmt(inner, 1)} | {ratio} |")
+    return lines
 
 
 def rho_function(base: Path, experts: dict[str, Path], calibration: dict[str, Path],

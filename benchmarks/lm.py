@@ -41,6 +41,8 @@ from harness import (
     save_json,
     spearman,
     stderr,
+    svc_cost_lines,
+    svc_seconds,
 )
 from sources import (
     bench_dir,
@@ -418,7 +420,7 @@ def summarize(seed_rows: dict, calibration: str | None) -> dict:
         "per_task": {d: {k: mean([r["per_task"][d][k] for r in rows]) for k in ("loss", "gain_kept")}
                      for d in DOMAINS},
         "rho": avg("rho"), "rho_by_task": {d: mean([r["rho_by_task"][d] for r in rows]) for d in DOMAINS},
-        "wall_s": avg("wall_s"), "cpu_s": avg("cpu_s"), "peak_rss_mb": avg("peak_rss_mb"),
+        "wall_s": avg("wall_s"), "cpu_s": avg("cpu_s"), "peak_rss_mb": avg("peak_rss_mb"), "svc_s": avg("svc_s"),
         "calibration": calibration, "seeds": seed_rows,
     }
 
@@ -453,6 +455,8 @@ def run_setting(build: Build, root: Path, models: dict, setting: str, seeds: lis
             out = root / "merges" / f"{setting}-seed{seed}" / re.sub(r"[^A-Za-z0-9_.-]", "_", method.name)
             config = merge_config(method, models["base"], experts, calibration, calib_params, root / "statistics")
             cost = run_merge(config, out, root / "logs" / f"{setting}-seed{seed}", threads=threads)
+            if method.svc_of:
+                cost["svc_s"] = svc_seconds(models["base"], experts, out)
             row = {**evaluate(out), **cost}
             shutil.rmtree(out)  # a merged model is 20 MB; sixty of them add up
             per_seed[method.name][str(seed)] = {**row, **seed_metrics(row["losses"], base_losses, expert_losses)}
@@ -461,6 +465,8 @@ def run_setting(build: Build, root: Path, models: dict, setting: str, seeds: lis
                   f"{fmt(m['mean_loss'])}, rho {fmt(m['rho'])}, {cost['wall_s']:.1f} s", file=sys.stderr, flush=True)
     calibrated = {m.name for m in grid if m.calibrated}
     methods = {name: summarize(per_seed[name], budget if name in calibrated else None) for name in names}
+    for m in grid:
+        methods[m.name]["svc_of"] = m.svc_of
     ties = methods.get("ties", {}).get("wall_s")
     for row in methods.values():
         row["wall_vs_ties"] = row["wall_s"] / ties if row["wall_s"] and ties else None
@@ -491,6 +497,8 @@ def render(result: dict) -> str:
                          f"{fmt(m['mean_loss'])} | " + " | ".join(fmt(m["per_task"][d]["loss"]) for d in DOMAINS)
                          + f" | {fmt(m['rho'])} | {wall} | {fmt(m['peak_rss_mb'], 0)} | {m['calibration'] or '–'} |")
         counted = "; ".join(f"seed {s}: {', '.join(ds) or 'none'}" for s, ds in block["tasks_counted"].items())
+        svc_lines = svc_cost_lines(block["methods"])
+        lines += ["", *svc_lines] if svc_lines else []
         lines += ["", (f"Tasks counted in gain kept ({counted}). Spearman correlation of ρ and gain kept across "
                   f"merged methods: {fmt(block['spearman_rho_vs_gain_kept'], 2)}."), ""]
     return "\n".join(lines)

@@ -32,7 +32,7 @@ from mergekit.merge_methods.base import (
 )
 from pydantic import ConfigDict
 
-from . import qp, report
+from . import qp, report, svc
 from .diagnostic import augmented_gram
 from .statistics import EmbeddingStats, LinearStats, NormStats
 
@@ -79,6 +79,8 @@ def _parameters() -> Tuple[ParameterSpec, ...]:
         shared("sum_to_one", bool, False, "task basis: coefficients sum to one"),
         shared("fallback", str, "linear", "method for tensors without statistics: " + " | ".join(FALLBACKS)),
         shared("cache_dir", Optional[str], None, "statistics cache folder (default $MERGEKIT_QP_CACHE or ~/.cache/mergekit_qp)"),
+        shared("svc", bool, False, "singular value calibration of each solved 2-D weight update (arXiv 2602.05536)"),
+        shared("svc_alpha", Optional[float], None, "svc: floor α of the overlap divisor; default 1/K"),
     )
 
 
@@ -125,6 +127,12 @@ def validate_values(params: Dict[str, Any], where: str = "") -> None:
         raise ValueError(f"output_qp: nonneg / sum_to_one apply to basis: task only{at}")
     if "weight" in params and not (math.isfinite(params["weight"]) and params["weight"] > 0):
         raise ValueError(f"output_qp: weight must be finite and > 0{at}; got {params['weight']}")
+    check_svc_alpha(METHOD_NAME, params.get("svc_alpha"), at)
+
+
+def check_svc_alpha(method: str, alpha: Optional[float], at: str = "") -> None:
+    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"{method}: svc_alpha must be finite and > 0{at}; got {alpha}")
 
 
 class OutputQPMerge(GroupMergeMethod):
@@ -219,6 +227,7 @@ class OutputQPMerge(GroupMergeMethod):
         w0 = stored.double().T if transposed else stored.double()
         experts_w = [e.tensor.double().T if transposed else e.tensor.double() for e in weight_group.non_base]
         deltas = [w - w0 for w in experts_w]
+        weight_deltas = deltas  # the experts' own updates of W (SVC measures overlap against them)
         device = stored.device
         grams = [s.gram.to(device, torch.float64) for s in found]
         d = w0.shape[1]
@@ -239,6 +248,9 @@ class OutputQPMerge(GroupMergeMethod):
             deltas, unreachable = _expert_output_problem(w0, experts_w, deltas, grams, found, bias_group is not None)
 
         update = self._solve(deltas, grams, weights, params)
+        if params["svc"]:
+            update = update.clone()
+            update[:, :d] = svc.calibrate(update[:, :d], weight_deltas, params["svc_alpha"]).update
         # One record per linear map (weight and bias solved together), under the weight's name.
         self._record(f"{module}.weight", update, deltas, grams, weights, unreachable)
         new_w = w0[:, :d] + update[:, :d]
@@ -319,6 +331,8 @@ class OutputQPMerge(GroupMergeMethod):
         total = sum(w * d for w, d in zip(weights, deltas))
         if method == "linear":
             total = total / sum(weights)
+        if params["svc"] and spectral(group):
+            total = svc.calibrate(total, deltas, params["svc_alpha"]).update
         return (base.double() + total).to(base.dtype)
 
     def _record(self, name, update, deltas, grams, weights, unreachable=None) -> None:
@@ -341,6 +355,61 @@ class OutputQPMerge(GroupMergeMethod):
             records, tasks = list(self.records), list(self.tasks)
         if settings is not None:
             report.write_report(out_path, report.build_report(records, tasks, settings))
+
+
+def spectral(group: TensorGroup) -> bool:
+    """Tensors singular value calibration applies to: floating 2-D weights that are not
+    embeddings (mergekit marks token embeddings and output heads with a vocabulary axis)."""
+    base = group.base.tensor if group.base is not None else group.entries[0].tensor
+    return base.ndim == 2 and base.is_floating_point() and group.metadata.vocabulary_axis is None
+
+
+# mergekit's task-vector methods that get a `<name>_svc` twin.
+SVC_INNER = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+             "della", "della_linear")
+SVC_ALPHA = ParameterSpec("svc_alpha", Optional[float], ParameterScope.SHARED, None,
+                          "floor α of the overlap divisor; default 1/K (K experts)")
+
+
+class SVCMerge(GroupMergeMethod):
+    """`<inner>_svc`: mergekit's own method, then singular value calibration of its update.
+
+    Accepts exactly the inner method's parameters (the same ParameterSpec objects, so mergekit
+    validates them as it does the inner method's) plus `svc_alpha`."""
+
+    def __init__(self, inner: GroupMergeMethod):
+        self.inner = inner
+        spec = inner.spec
+        self.spec = MergeMethodSpec(
+            name=f"{spec.name}_svc",
+            parameters=(*spec.parameters, SVC_ALPHA),
+            contract=spec.contract,
+            pretty_name=f"{spec.pretty_name or spec.name} + singular value calibration",
+            reference_url="https://arxiv.org/abs/2602.05536",
+            optional_tensor_policy=spec.optional_tensor_policy,
+            uses_accelerator=spec.uses_accelerator,
+        )
+
+    def merge_group(self, group: TensorGroup, /, **params: Any) -> torch.Tensor:
+        alpha = params.pop("svc_alpha")
+        check_svc_alpha(self.spec.name, alpha, f" (tensor {group.metadata.name})")
+        merged = self.inner.merge_group(group, **params)
+        if group.base is None or not group.non_base or not spectral(group):
+            return merged
+        base = group.base.tensor
+        work = torch.float64 if base.dtype == torch.float64 else torch.float32
+        deltas = [e.tensor.to(work) - base.to(work) for e in group.non_base]
+        try:
+            update = svc.calibrate(merged.to(work) - base.to(work), deltas, alpha).update
+        except ValueError as error:
+            raise ValueError(f"{self.spec.name}: tensor {group.metadata.name}: {error}") from None
+        return (base.to(work) + update).to(base.dtype)
+
+
+def svc_methods() -> List[SVCMerge]:
+    from mergekit.merge_methods import registry
+
+    return [SVCMerge(registry.get(name)) for name in SVC_INNER]
 
 
 def _expert_output_problem(w0, experts_w, deltas, grams, found, with_bias: bool):
@@ -431,15 +500,8 @@ def _params_key(params: Dict[str, Any]) -> Tuple:
 # -- configuration checks that mergekit does not make --------------------------------------
 
 
-def check_config(config) -> None:
-    """Reject unknown parameter names and bad values of our methods before any work is done.
-
-    mergekit silently ignores parameters a method does not declare (and shared parameters
-    written under a model), so a misspelt or misplaced `ridge` would merge with the default:
-    for our methods that is an error naming the place.
-    """
-    if config.merge_method != METHOD_NAME:
-        return
+def _parameter_places(config) -> Tuple[List[Tuple[str, Optional[Dict[str, Any]]]], List[Tuple[str, Optional[Dict[str, Any]]]]]:
+    """Every place of a config that holds method parameters: (shared places, per-model places)."""
     shared_places: List[Tuple[str, Optional[Dict[str, Any]]]] = [("parameters", config.parameters)]
     expert_places: List[Tuple[str, Optional[Dict[str, Any]]]] = []
 
@@ -459,22 +521,56 @@ def check_config(config) -> None:
         shared_places.append((f"modules.{name} parameters", module.parameters))
         add_models(f"modules.{name}.", module.models)
         add_slices(f"modules.{name}.", module.slices)
+    return shared_places, expert_places
 
+
+def _check_names(method: str, specs: Sequence[ParameterSpec], where: str, settings, per_model_place: bool) -> None:
+    names = [p.name for p in specs]
+    per_model = {p.name for p in specs if p.scope != ParameterScope.SHARED}
+    for key in settings or {}:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{method}: unknown parameter {key!r} in {where}{hint} Valid parameters: {', '.join(names)}")
+        if per_model_place and key not in per_model:
+            raise ValueError(
+                f"{method}: {key!r} in {where} is a shared parameter, which mergekit would ignore "
+                f"there: set it in the top-level parameters. Per-model parameters: {', '.join(sorted(per_model))}"
+            )
+
+
+def check_svc_config(config) -> None:
+    """`<method>_svc`: the inner method's parameter names plus svc_alpha, nothing else."""
+    if not config.merge_method.endswith("_svc") or config.merge_method[:-4] not in SVC_INNER:
+        return
+    from mergekit.merge_methods import registry
+
+    specs = registry.get(config.merge_method).spec.parameters
+    shared_places, expert_places = _parameter_places(config)
+    for where, settings in shared_places + expert_places:
+        _check_names(config.merge_method, specs, where, settings, (where, settings) in expert_places)
+        alpha = (settings or {}).get("svc_alpha")
+        if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+            check_svc_alpha(config.merge_method, float(alpha), f" ({where})")
+        elif alpha is not None and "svc_alpha" in (settings or {}) and not isinstance(alpha, (dict, list)):
+            raise ValueError(f"{config.merge_method}: svc_alpha in {where} must be a number; got {alpha!r}")
+
+
+def check_config(config) -> None:
+    """Reject unknown parameter names and bad values of our methods before any work is done.
+
+    mergekit silently ignores parameters a method does not declare (and shared parameters
+    written under a model), so a misspelt or misplaced `ridge` would merge with the default:
+    for our methods that is an error naming the place.
+    """
+    check_svc_config(config)
+    if config.merge_method != METHOD_NAME:
+        return
+    shared_places, expert_places = _parameter_places(config)
     for where, settings in shared_places + expert_places:
         per_expert_place = (where, settings) in expert_places
+        _check_names(METHOD_NAME, PARAMETERS, where, settings, per_expert_place)
         for key, value in (settings or {}).items():
-            if key not in PARAMETER_NAMES:
-                close = difflib.get_close_matches(key, PARAMETER_NAMES, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ValueError(
-                    f"output_qp: unknown parameter {key!r} in {where}{hint} "
-                    f"Valid parameters: {', '.join(PARAMETER_NAMES)}"
-                )
-            if per_expert_place and key not in _PER_EXPERT:
-                raise ValueError(
-                    f"output_qp: {key!r} in {where} is a shared parameter, which mergekit would ignore "
-                    f"there: set it in the top-level parameters. Per-model parameters: {', '.join(sorted(_PER_EXPERT))}"
-                )
             plain = isinstance(value, (bool, int, float, str)) or value is None
             if key in CALIBRATION_SETTINGS and (where != "parameters" or not plain):
                 raise ValueError(
@@ -484,6 +580,8 @@ def check_config(config) -> None:
             if key == "target" and not (settings or {}).get("sequential"):
                 raise ValueError(f"output_qp: target in {where} applies to sequential: true only "
                                  "(in independent mode each expert's own inputs are the merged model's)")
+            if key == "svc_alpha" and not (settings or {}).get("svc"):
+                raise ValueError(f"output_qp: svc_alpha in {where} applies to svc: true only")
             if key == "calibration" and not plain:
                 raise ValueError(f"output_qp: calibration in {where} must be a path or dataset name, not {value!r}")
         scalars = {}
@@ -719,23 +817,27 @@ _registered = False
 
 
 def register_method() -> None:
-    """Add `output_qp` to mergekit's registry (idempotent)."""
+    """Add `output_qp` and the `<method>_svc` twins to mergekit's registry (idempotent)."""
     global _registered
     from mergekit.merge_methods import registry
 
     with _patch_lock:
-        if not _registered and METHOD_NAME not in {m.spec.name for m in registry.registered_methods()}:
-            registry.register(METHOD)
+        if not _registered:
+            present = {m.spec.name for m in registry.registered_methods()}
+            for method in (METHOD, *svc_methods()):
+                if method.spec.name not in present:
+                    registry.register(method)
         _registered = True
 
 
 def unregister_method() -> None:
-    """Take `output_qp` out again (when mergekit's planner cannot be patched safely)."""
+    """Take our methods out again (when mergekit's planner cannot be patched safely)."""
     global _registered
     from mergekit.merge_methods import registry
 
     with _patch_lock:
-        registry._METHODS.pop(METHOD_NAME, None)  # mergekit has no public unregister
+        for name in (METHOD_NAME, *(f"{inner}_svc" for inner in SVC_INNER)):
+            registry._METHODS.pop(name, None)  # mergekit has no public unregister
         _registered = False
 
 
