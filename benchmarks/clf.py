@@ -274,6 +274,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--methods", default=None, help="comma-separated subset of the method names")
     parser.add_argument("--train-only", action="store_true", help="build the experts of --seeds, merge nothing")
+    parser.add_argument("--update", action="store_true",
+                        help="re-run only --methods (plus ties, the baseline of their time ratios) and put their rows "
+                             "into the existing clf.json in --out; every other row is kept as measured before")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -335,9 +338,11 @@ def main(argv=None) -> int:
         base_acc[task] = accuracy(probes[task], features(base_encoder, tokenizer, texts, max_len), labels)
     print(f"[clf] base (linear probe): {base_acc}", file=sys.stderr, flush=True)
 
-    methods = harness.method_grid(rank=32 if not args.smoke else 4, smoke=args.smoke)
+    grid = methods = harness.method_grid(rank=32 if not args.smoke else 4, smoke=args.smoke)
+    if args.update and not args.methods:
+        parser.error("--update needs --methods")
     if args.methods:
-        wanted = args.methods.split(",")
+        wanted = args.methods.split(",") + (["ties"] if args.update else [])
         unknown = set(wanted) - {m.name for m in methods}
         if unknown:
             parser.error(f"unknown method(s) {sorted(unknown)}; known: {[m.name for m in methods]}")
@@ -385,19 +390,48 @@ def main(argv=None) -> int:
 
     if args.train_only:
         return 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kept_ratios, updated = {}, None
+    if args.update:
+        per_seed, kept_ratios = merge_into_previous(out_dir / "clf.json", per_seed, grid)
+        methods, updated = grid, [m.name for m in methods]
     payload = summarise(per_seed, methods, base_acc, tasks, meta={
         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
         "threads": torch.get_num_threads(), "seeds": seeds, "fine_tune": {"steps": steps, "batch": batch, "lr": lr},
         "max_len": max_len, "test_examples": {t: len(tasks[t]["test"]) for t in TASKS},
         "train_examples": {t: len(tasks[t]["train"]) for t in TASKS},
-        "classes": {t: tasks[t]["labels"] for t in TASKS}, "smoke": args.smoke})
-    out_dir.mkdir(parents=True, exist_ok=True)
+        "classes": {t: tasks[t]["labels"] for t in TASKS}, "smoke": args.smoke, "updated_rows": updated})
+    for name, ratio in kept_ratios.items():  # each row's time ratio stays against ties of its own run
+        payload["methods"][name]["wall_vs_ties"] = ratio
     harness.save_json(out_dir / "clf.json", harness.clean_nan(payload))
     table = render(payload)
     (out_dir / "clf.md").write_text(table)
     plot(payload, out_dir / "clf.png")
     print(table)
     return 0
+
+
+def merge_into_previous(path: Path, per_seed: dict, grid) -> tuple[dict, dict]:
+    """`--update`: the rows just measured over those of the previous run, in grid order.
+
+    Returns the merged per-seed rows and, for rows kept from before, their time ratio to the
+    ties of their own run (the new rows' ratios are against the ties re-run beside them)."""
+    previous = json.loads(path.read_text())
+    if sorted(map(int, previous["meta"]["seeds"])) != sorted(per_seed):
+        raise SystemExit(f"--update: {path} has seeds {previous['meta']['seeds']}, this run {sorted(per_seed)}")
+    merged = {}
+    for seed, rows in per_seed.items():
+        names = [n for n in rows if not any(n == m.name for m in grid)]  # base and experts: this run
+        names += [m.name for m in grid]
+        merged[seed] = {}
+        for name in names:
+            row = rows.get(name) or previous["methods"].get(name, {}).get("seeds", {}).get(str(seed))
+            if row is None:
+                raise SystemExit(f"--update: no row {name!r} for seed {seed} in {path} and not re-run; add it to --methods")
+            merged[seed][name] = row
+    fresh = next(iter(per_seed.values()))
+    kept = {m.name: previous["methods"][m.name].get("wall_vs_ties") for m in grid if m.name not in fresh}
+    return merged, kept
 
 
 def score(row: dict, base_acc: dict, expert_acc: dict) -> None:
@@ -434,7 +468,8 @@ def summarise(per_seed: dict, methods, base_acc, tasks, meta) -> dict:
     pairs = [(summary[n]["rho"], summary[n]["gain_kept"]) for n in merged
              if summary[n]["rho"] is not None and summary[n]["gain_kept"] is not None]
     # per seed too: more points, same rule
-    pairs_seed = [(per_seed[s][n]["rho"], per_seed[s][n]["gain_kept"]) for s in per_seed for n in merged]
+    pairs_seed = [(per_seed[s][n]["rho"], per_seed[s][n]["gain_kept"]) for s in per_seed for n in merged
+                  if all(v is not None and math.isfinite(v) for v in (per_seed[s][n]["rho"], per_seed[s][n]["gain_kept"]))]
     correlation = {
         "spearman_rho_vs_gain_kept": harness.spearman(*zip(*pairs)) if len(pairs) > 2 else None,
         "spearman_rho_vs_gain_kept_per_seed": harness.spearman(*zip(*pairs_seed)) if len(pairs_seed) > 2 else None,
@@ -477,6 +512,10 @@ def render(payload: dict) -> str:
     svc_lines = harness.svc_cost_lines(summary)
     lines += ["", *svc_lines] if svc_lines else []
     lines += ["", f"Tasks counted in gain kept (fine-tuning gain ≥ 3 points): {'; '.join(counted)}."]
+    if meta.get("updated_rows"):
+        lines += ["", f"Rows re-measured in a later run (`clf.py --update`): {', '.join(meta['updated_rows'])}; "
+                  "all others are from the first run (same experts, data and seeds). Each row's × ties is against "
+                  "ties of its own run."]
     lines += ["", f"Spearman rank correlation between ρ and gain kept over the {c['points']} merge methods: "
               f"{harness.fmt(c['spearman_rho_vs_gain_kept'], 2)} (per seed: "
               f"{harness.fmt(c['spearman_rho_vs_gain_kept_per_seed'], 2)})."]
@@ -507,6 +546,8 @@ def plot(payload: dict, path: Path) -> None:
     ax1.set_xlabel("gain kept (mean over tasks and seeds)")
     ax1.tick_params(axis="y", labelsize=7)
     for n in names:
+        if summary[n]["rho"] is None or summary[n]["gain_kept"] is None:
+            continue
         ax2.scatter(summary[n]["rho"], summary[n]["gain_kept"], color="tab:blue" if n.startswith("output_qp")
                     else "tab:gray")
         ax2.annotate(n, (summary[n]["rho"], summary[n]["gain_kept"]), fontsize=6)
