@@ -486,6 +486,7 @@ def render(result: dict) -> str:
              "domain, negative on the others). The benchmark computes each expert's statistics once, untimed, "
              "for ρ, so every output_qp merge here finds them in its cache (the cost of computing them: "
              "perf.md)."), ""]
+    lines += [note for n in result["meta"].get("notes", []) for note in (n, "")]
     for setting, block in result["settings"].items():
         lines += [f"## Setting `{setting}`", "",
                   "| method | gain kept (± se) | normalized | mean loss | " + " | ".join(DOMAINS)
@@ -516,8 +517,10 @@ def plot(result: dict, path: Path) -> None:
     height = 0.8 / len(settings)
     for k, setting in enumerate(settings):
         methods = result["settings"][setting]["methods"]
-        values = [methods[n]["gain_kept"] or 0.0 for n in names]
-        errors = [methods[n]["gain_kept_se"] or 0.0 for n in names]
+        # a row missing from a setting (not run there) draws no bar
+        values = [methods[n]["gain_kept"] if n in methods and methods[n]["gain_kept"] is not None else float("nan")
+                  for n in names]
+        errors = [(methods[n]["gain_kept_se"] or 0.0) if n in methods else 0.0 for n in names]
         ax.barh([i + k * height for i in range(len(names))], values, height, xerr=errors, label=setting)
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(names))], names, fontsize=7)
     ax.invert_yaxis()
