@@ -860,16 +860,28 @@ if _callback is not None:
     _callback()
 
 
-def diagnose(config_path: str, merged_path: str, calibration_config: Optional[str] = None,
-             device: str = "cpu") -> Dict[str, Any]:
-    """The merge report (ρ per tensor, layer, task) of any merged checkpoint of a `models:`
-    config, whatever its method: calibration data and settings come from the config's own
-    `calibration` parameters or from an output_qp config of the same experts."""
+@dataclass
+class CalibrationProblem:
+    """What every diagnostic of one set of experts shares: their folders, statistics and task
+    weights, and the output_qp settings they were taken from."""
+
+    base_dir: str
+    expert_dirs: List[str]
+    names: List[str]
+    statistics: List[Any]
+    weights: List[float]
+    settings: Dict[str, Any]  # output_qp's calibration settings (and ridge) of the source config
+
+
+def calibration_problem(config_path: str, calibration_config: Optional[str] = None,
+                        device: str = "cpu") -> CalibrationProblem:
+    """The experts of a `models:` config with their calibration statistics (cached): calibration
+    data and settings from the config's own `calibration` parameters or from an output_qp config
+    of the same experts."""
     import yaml
     from mergekit.config import MergeConfiguration
 
     from .calibrate import CalibrationSettings, expert_statistics, local_model_path
-    from .diagnostic import linear_diagnostic
 
     def load(path):
         with open(path, encoding="utf-8") as fp:
@@ -886,6 +898,10 @@ def diagnose(config_path: str, merged_path: str, calibration_config: Optional[st
                  else 1.0 for m in source.models or []}
     top = source.parameters or {}
     shared = {p.name: p.validate(top.get(p.name, p.default)) for p in PARAMETERS if p.name in CALIBRATION_SETTINGS}
+    # The ridge of the spectrum: output_qp's own when the source is an output_qp config.
+    ridge_spec = next(p for p in PARAMETERS if p.name == "ridge")
+    ridge = ridge_spec.validate(top.get("ridge", ridge_spec.default)) if source.merge_method == METHOD_NAME \
+        else ridge_spec.default
     settings = CalibrationSettings.from_params(shared)
     experts = [m for m in config.models if m.model != config.base_model]
     stats, weights = [], []
@@ -897,17 +913,47 @@ def diagnose(config_path: str, merged_path: str, calibration_config: Optional[st
                              "or pass --calibration-config with the output_qp config of the same experts")
         stats.append(expert_statistics(m.model, config.base_model, calibration, settings, torch.device(device)))
         weights.append(weight_of.get(str(m.model), 1.0))
-    names = [str(m.model) for m in experts]
-    result = linear_diagnostic(local_model_path(config.base_model), [local_model_path(m.model) for m in experts],
-                               stats, merged_path, weights)
+    return CalibrationProblem(
+        base_dir=local_model_path(config.base_model),
+        expert_dirs=[local_model_path(m.model) for m in experts],
+        names=[str(m.model) for m in experts],
+        statistics=stats,
+        weights=weights,
+        settings={"merge_method": config.merge_method, **{k: v for k, v in shared.items() if k != "cache_dir"},
+                  "ridge": ridge},
+    )
+
+
+def diagnose(config_path: str, merged_path: str, calibration_config: Optional[str] = None,
+             device: str = "cpu", problem: Optional[CalibrationProblem] = None) -> Dict[str, Any]:
+    """The merge report (ρ per tensor, layer, task) of any merged checkpoint of a `models:`
+    config, whatever its method: calibration data and settings come from the config's own
+    `calibration` parameters or from an output_qp config of the same experts (or from
+    `problem`, when the caller has them already)."""
+    from .diagnostic import linear_diagnostic
+
+    problem = problem or calibration_problem(config_path, calibration_config, device)
+    result = linear_diagnostic(problem.base_dir, problem.expert_dirs, problem.statistics, merged_path,
+                               problem.weights)
     records = [
         {"name": t["name"], "rho": t["rho"], "fallback": None,
          "rho_by_task": [qp.energy_captured(j, e) for j, e in zip(t["objective_per_task"], t["energy_per_task"])],
          "objective_by_task": t["objective_per_task"], "energy_by_task": t["energy_per_task"]}
         for t in result.tensors
     ]
-    return report.build_report(records, names, {"merge_method": config.merge_method, "merged": merged_path,
-                                                **{k: v for k, v in shared.items() if k != "cache_dir"}})
+    settings = {k: v for k, v in problem.settings.items() if k != "ridge"}
+    return report.build_report(records, problem.names, {**settings, "merged": merged_path})
+
+
+def spectrum(problem: CalibrationProblem, ridge: Optional[float] = None) -> Dict[str, Any]:
+    """Energy captured against rank (spectrum.build_spectrum) of the experts of `problem`, with
+    output_qp's ridge of the source config unless `ridge` is given."""
+    from . import spectrum as spectrum_module
+    from .diagnostic import linear_spectra
+
+    ridge = problem.settings["ridge"] if ridge is None else float(ridge)
+    tensors = linear_spectra(problem.base_dir, problem.expert_dirs, problem.statistics, problem.weights, ridge)
+    return spectrum_module.build_spectrum(tensors, problem.names, {"ridge": ridge, "basis": "rank-N of the full basis"})
 
 
 # -- sequential merging: the calibration chain inside mergekit's task graph ---------------------

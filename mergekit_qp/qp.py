@@ -25,7 +25,8 @@ import torch
 
 __all__ = [
     "Objective", "combine_task_vectors", "diagonal_update", "featurewise_affine_update",
-    "drift_corrected_task_vector", "full_update", "low_rank_update", "objective", "rowwise_update",
+    "drift_corrected_task_vector", "full_update", "low_rank_directions", "low_rank_update", "objective",
+    "rowwise_update",
     "task_update", "update_spectrum",
 ]
 
@@ -186,6 +187,14 @@ def low_rank_update(task_vectors, grams, weights, ridge: float, rank: int) -> to
     full, U, _, _ = _low_rank_parts(task_vectors, grams, weights, ridge)
     U = U[:, : int(rank)]
     return _out(U @ (U.mT @ full), full.device)
+
+
+def low_rank_directions(task_vectors, grams, weights, ridge: float = 0.0):
+    """(Δ*, U): the full-basis minimiser of J_λ and the output-space directions (columns of U,
+    best first) from which `low_rank_update` builds Δ_N = U_N U_Nᵀ Δ* for N < min(m, d).
+    Both float64, so that every rank of a spectrum is evaluated from one factorisation."""
+    full, U, _, _ = _low_rank_parts(task_vectors, grams, weights, ridge)
+    return full, U
 
 
 def update_spectrum(task_vectors, grams, weights, ridge: float = 0.0) -> torch.Tensor:

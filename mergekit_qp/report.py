@@ -14,6 +14,12 @@ from .qp import energy_captured
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
+def layer_of(name: str) -> str:
+    """The layer index of a tensor name as a string ("3" for model.layers.3.mlp…), else "other"."""
+    match = _LAYER.search(name)
+    return match.group(1) if match else "other"
+
+
 def tensor_record(name: str, objective, weights: Sequence[float]) -> Dict:
     """One solved tensor, from a `qp.Objective` (weighted per-task terms kept for aggregation)."""
     return {
@@ -44,8 +50,7 @@ def build_report(records: Sequence[Dict], tasks: Sequence[str], settings: Option
     """The report as a dict: top-level `rho`, `rho_by_task`, `layers`, `tensors`."""
     by_layer: Dict[str, List[Dict]] = {}
     for r in records:
-        match = _LAYER.search(r["name"])
-        by_layer.setdefault(match.group(1) if match else "other", []).append(r)
+        by_layer.setdefault(layer_of(r["name"]), []).append(r)
     order = sorted(by_layer, key=lambda k: (k == "other", int(k) if k.isdigit() else 0))
     report = {
         **_aggregate(records, tasks),
