@@ -675,3 +675,29 @@ def test_dtypes(dtype):
     ref = qp.full_update([dk.double() for dk in low], [g.to(dtype).double() for g in grams], weights, 0.01)
     torch.testing.assert_close(out, ref)
     assert qp.task_update(low, grams, weights, 0.0)[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_optimal_bases_capture_rho_star(seed):
+    """Design §3.3: the optimum of a basis with normal equations M c = b captures ρ* = bᵀM⁻¹b / E;
+    for the full basis ρ* = tr(P Ĝ⁻¹ Pᵀ) / E. The merge's own ρ must equal it (ridge 0)."""
+    g = torch.Generator().manual_seed(seed)
+    m, d, K = 5, 7, 3
+    xs = [torch.randn(20 + 5 * k, d, generator=g, dtype=F64) * (1 + k) for k in range(K)]
+    grams = [x.T @ x / x.shape[0] for x in xs]
+    deltas = [torch.randn(m, d, generator=g, dtype=F64) for _ in range(K)]
+    weights = [1.0, 0.5, 2.0]
+    G = sum(w * gk for w, gk in zip(weights, grams))
+    P = sum(w * dk @ gk for w, dk, gk in zip(weights, deltas, grams))
+    E = sum(w * float(torch.trace(dk @ gk @ dk.T)) for w, dk, gk in zip(weights, deltas, grams))
+
+    full_star = float(torch.trace(P @ torch.linalg.solve(G, P.T))) / E
+    full = qp.objective(qp.full_update(deltas, grams, weights, 0.0), deltas, grams, weights)
+    assert full.rho == pytest.approx(full_star, rel=1e-5)
+
+    M = torch.tensor([[float(torch.trace(a @ G @ b.T)) for b in deltas] for a in deltas], dtype=F64)
+    b = torch.tensor([float(torch.trace(a @ P.T)) for a in deltas], dtype=F64)
+    task_star = float(b @ torch.linalg.solve(M, b)) / E
+    update, _ = qp.task_update(deltas, grams, weights, 0.0)
+    assert qp.objective(update, deltas, grams, weights).rho == pytest.approx(task_star, rel=1e-5)
+    assert task_star <= full_star + 1e-12  # the task basis is a subspace of the full one
