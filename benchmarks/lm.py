@@ -429,11 +429,11 @@ def summarize(seed_rows: dict, calibration: str | None) -> dict:
 
 
 def run_setting(build: Build, root: Path, models: dict, setting: str, seeds: list[int], threads: int,
-                smoke: bool) -> dict:
+                smoke: bool, only: list[str] | None = None) -> dict:
     calibration = {d: root / "calibration" / f"{d}.jsonl" for d in DOMAINS}
     calib_params = {"calibration_samples": build.calibration_samples, "calibration_seq_len": build.context}
     budget = f"{build.calibration_samples} x {build.context}"
-    grid = method_grid(rank=32, smoke=smoke)
+    grid = [m for m in method_grid(rank=32, smoke=smoke) if only is None or m.name in only]
     names = ["base", *(f"expert:{d}" for d in DOMAINS), *(m.name for m in grid)]
     per_seed = {name: {} for name in names}
     counted = {}
@@ -472,6 +472,23 @@ def run_setting(build: Build, root: Path, models: dict, setting: str, seeds: lis
         row["wall_vs_ties"] = row["wall_s"] / ties if row["wall_s"] and ties else None
     merged = [m.name for m in grid if methods[m.name]["gain_kept"] is not None]
     return {"methods": methods, "tasks_counted": counted,
+            "spearman_rho_vs_gain_kept": spearman([methods[n]["rho"] for n in merged],
+                                                  [methods[n]["gain_kept"] for n in merged])}
+
+
+def merge_into_previous(previous: dict, fresh: dict, grid_names: list[str]) -> dict:
+    """`--update`: one setting's re-run rows over those of the previous result, in grid order.
+    Reference rows (base, experts) come from this run; a kept row keeps its time ratio to the
+    ties of its own run (ties is re-run beside the new rows for theirs)."""
+    names = ["base", *(f"expert:{d}" for d in DOMAINS), *grid_names]
+    methods = {}
+    for name in names:
+        row = fresh["methods"].get(name) or previous["methods"].get(name)
+        if row is None:
+            raise SystemExit(f"--update: no row {name!r} in the previous lm.json and not re-run; add it to --methods")
+        methods[name] = row
+    merged = [n for n in grid_names if methods[n]["gain_kept"] is not None]
+    return {"methods": methods, "tasks_counted": fresh["tasks_counted"],
             "spearman_rho_vs_gain_kept": spearman([methods[n]["rho"] for n in merged],
                                                   [methods[n]["gain_kept"] for n in merged])}
 
@@ -540,7 +557,19 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", help="expert seeds (default 0 1; smoke 0)")
     parser.add_argument("--settings", nargs="+", choices=["gentle", "hard"], help="default both; smoke gentle")
     parser.add_argument("--build-only", action="store_true", help="build and evaluate base and experts, no merges")
+    parser.add_argument("--methods", help="comma-separated subset of the method grid's row names")
+    parser.add_argument("--update", action="store_true",
+                        help="re-run --methods (and ties, the time baseline) into the existing OUT/lm.json")
     args = parser.parse_args()
+    grid_names = [m.name for m in method_grid(rank=32, smoke=args.smoke)]
+    only = None
+    if args.update and not args.methods:
+        parser.error("--update needs --methods")
+    if args.methods:
+        only = args.methods.split(",") + (["ties"] if args.update else [])
+        unknown = sorted(set(only) - set(grid_names))
+        if unknown:
+            parser.error(f"unknown method(s) {unknown}; known: {grid_names}")
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", RAYON_NUM_THREADS=str(args.threads))
     import torch
 
@@ -575,11 +604,25 @@ def main() -> None:
                    "eval": f"{build.eval_windows} windows x {build.context} tokens per domain"},
         "data_chars": sizes, "training": models["log"], "min_gain_nats": MIN_GAIN,
     }, "settings": {}}
+    previous = None
+    if args.update:
+        previous = json.loads((out / "lm.json").read_text())
+        if sorted(previous["meta"]["seeds"]) != sorted(seeds):
+            raise SystemExit(f"--update: {out / 'lm.json'} has seeds {previous['meta']['seeds']}, this run {seeds}")
+        result = {**previous, "meta": {**previous["meta"]}, "settings": dict(previous["settings"])}
+        note = (f"Rows re-measured in a later run (`lm.py --update --settings {' '.join(settings)}`): "
+                f"{', '.join(n for n in only if n != 'ties')} (and ties, their time baseline); each row's × ties is "
+                "against ties of its own run.")
+        result["meta"]["notes"] = [*previous["meta"].get("notes", []), note]
     for setting in settings:
-        result["settings"][setting] = run_setting(build, root, models, setting, seeds, args.threads, args.smoke)
+        fresh = run_setting(build, root, models, setting, seeds, args.threads, args.smoke, only)
+        if previous is not None:
+            fresh = merge_into_previous(previous["settings"][setting], fresh, grid_names)
+        result["settings"][setting] = fresh
         # the issue asks for a top-level "methods": the gentle setting (else the first one run)
         result["methods"] = result["settings"].get("gentle", result["settings"][settings[0]])["methods"]
-        result["meta"]["total_s"] = round(time.perf_counter() - start, 1)
+        if previous is None:
+            result["meta"]["total_s"] = round(time.perf_counter() - start, 1)
         save_json(out / "lm.json", clean_nan(result))
         (out / "lm.md").write_text(render(result) + "\n", encoding="utf-8")
         plot(result, out / "lm.png")

@@ -19,6 +19,7 @@ import torch
 
 from . import __version__
 from .calibration import (
+    CalibrationError,
     CalibrationSource,
     batches,
     calibration_fingerprint,
@@ -164,28 +165,44 @@ def expert_statistics(model, base_model, calibration: Optional[str], settings: C
         if os.path.exists(path):
             try:
                 stats = ModelStatistics(path)
+                stored = stats.metadata.get("cache_key")
+                if stored is not None and stored != key:  # files of older versions carry no key
+                    raise StatisticsError(f"{path} holds statistics of another model, data set or settings")
                 LOG.info("output_qp: statistics of %s from cache %s", model_dir, path)
                 _memory[key] = _requests[request] = stats
                 return stats
             except StatisticsError as error:
                 LOG.warning("output_qp: ignoring unusable cache file (%s); recomputing", error)
-        _compute(model_dir, base_dir, source, settings, device, path, trust_remote_code)
+        _compute(model_dir, base_dir, source, settings, device, path, trust_remote_code, key)
         stats = ModelStatistics(path)
         _memory[key] = _requests[request] = stats
         return stats
 
 
-def _compute(model_dir, base_dir, source, settings, device, path, trust_remote_code) -> None:
+def _compute(model_dir, base_dir, source, settings, device, path, trust_remote_code, key) -> None:
     from tqdm.auto import tqdm
 
     tokenizer = load_tokenizer(base_dir, trust_remote_code)
     records = load_records(source)
+    if tokenizer is None and isinstance(records[0], str):
+        raise CalibrationError(
+            f"output_qp: the base model {base_dir!r} has no tokenizer to tokenise the text of calibration "
+            f"data '{source.path}': add the tokenizer files to the base model or give pre-tokenised input_ids"
+        )
     sequences = tokenize_calibration(
         records, tokenizer, samples=settings.samples, seq_len=settings.seq_len,
         seed=settings.seed, source_name=source.path,
     )
+    total = sum(len(s) for s in sequences)
+    if len(sequences) < settings.samples:
+        LOG.warning("output_qp: calibration data '%s' gives %d sequences (%d tokens) for %s, fewer than "
+                    "calibration_samples: %d; statistics use what there is", source.path, len(sequences), total,
+                    model_dir, settings.samples)
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
     model = load_model(model_dir, device, trust_remote_code)
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"output_qp: model {model_dir!r} has NaN or Inf in tensor {name}")
     positions = getattr(model.config, "max_position_embeddings", None)
     longest = max(len(s) for s in sequences)
     if positions is not None and longest > positions:
@@ -199,25 +216,33 @@ def _compute(model_dir, base_dir, source, settings, device, path, trust_remote_c
             f"output_qp: calibration {source.path!r} has token ids ≥ {vocab}, the vocabulary size of {model_dir!r}"
         )
     collector = StatisticsCollector(model)
-    total = sum(len(s) for s in sequences)
     try:
         with tqdm(total=total, unit="tok", desc=f"output_qp statistics {os.path.basename(model_dir.rstrip('/'))}") as bar:
             for input_ids, mask in batches(sequences, max_tokens=settings.max_batch_tokens, pad_id=pad_id):
                 collector.observe(input_ids.to(device), mask.to(device))
                 bar.update(int(mask.sum()))
         tensors = collector.tensors()
+    except StatisticsError as error:
+        raise StatisticsError(f"output_qp: model {model_dir!r} on calibration data '{source.path}': {error}") from None
     finally:
         collector.close()
     if collector.skipped:
         LOG.info("output_qp: no statistics for %s", ", ".join(sorted(collector.skipped)))
-    save_statistics(
-        path,
-        tensors,
-        aliases=collector.aliases,
-        tokens=collector.token_count(),
-        base_model_prefix=getattr(model, "base_model_prefix", "") or "",
-        description={"model": model_dir, "calibration": source.path, **{k: str(v) for k, v in asdict(settings).items()}},
-    )
+    try:
+        save_statistics(
+            path,
+            tensors,
+            aliases=collector.aliases,
+            tokens=collector.token_count(),
+            base_model_prefix=getattr(model, "base_model_prefix", "") or "",
+            description={"model": model_dir, "calibration": source.path, "cache_key": key,
+                         **{k: str(v) for k, v in asdict(settings).items()}},
+        )
+    except Exception as error:  # OSError, or safetensors' own error type for a failed write
+        raise StatisticsError(
+            f"output_qp: cannot write the statistics of {model_dir!r} to the cache file {path}: {error} "
+            "(free space there, or set cache_dir / MERGEKIT_QP_CACHE to another folder)"
+        ) from error
     del model
 
 

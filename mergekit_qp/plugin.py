@@ -15,6 +15,7 @@ import logging
 import math
 import re
 import threading
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -175,6 +176,9 @@ class OutputQPMerge(GroupMergeMethod):
                 raise ValueError(f"output_qp: weight of {e.id} must be finite and > 0 (tensor {name}); got {w}")
         if not base.tensor.is_floating_point():
             return base.tensor
+        for entry in group.entries:
+            if entry.tensor.is_floating_point() and not bool(torch.isfinite(entry.tensor).all()):
+                raise ValueError(f"output_qp: tensor {name} of model {entry.id} contains NaN or Inf")
         self.tasks = [str(e.id) for e in experts]
 
         module, _, leaf = name.rpartition(".")
@@ -250,7 +254,7 @@ class OutputQPMerge(GroupMergeMethod):
         update = self._solve(deltas, grams, weights, params)
         if params["svc"]:
             update = update.clone()
-            update[:, :d] = svc.calibrate(update[:, :d], weight_deltas, params["svc_alpha"]).update
+            update[:, :d] = calibrated(update[:, :d], weight_deltas, params["svc_alpha"], stored.dtype)
         # One record per linear map (weight and bias solved together), under the weight's name.
         self._record(f"{module}.weight", update, deltas, grams, weights, unreachable)
         new_w = w0[:, :d] + update[:, :d]
@@ -332,7 +336,7 @@ class OutputQPMerge(GroupMergeMethod):
         if method == "linear":
             total = total / sum(weights)
         if params["svc"] and spectral(group):
-            total = svc.calibrate(total, deltas, params["svc_alpha"]).update
+            total = calibrated(total, deltas, params["svc_alpha"], base.dtype)
         return (base.double() + total).to(base.dtype)
 
     def _record(self, name, update, deltas, grams, weights, unreachable=None) -> None:
@@ -355,6 +359,14 @@ class OutputQPMerge(GroupMergeMethod):
             records, tasks = list(self.records), list(self.tasks)
         if settings is not None:
             report.write_report(out_path, report.build_report(records, tasks, settings))
+
+
+def calibrated(update: torch.Tensor, deltas, alpha, model_dtype: torch.dtype) -> torch.Tensor:
+    """`svc.calibrate` of a float64 output_qp update, worked in float32 (float64 for float64
+    models) as `<method>_svc` does on the same model: the rule's presence floor is relative to
+    the working precision, so the precision is part of the rule."""
+    work = torch.float64 if model_dtype == torch.float64 else torch.float32
+    return svc.calibrate(update.to(work), [d.to(work) for d in deltas], alpha).update.double()
 
 
 def spectral(group: TensorGroup) -> bool:
@@ -655,6 +667,7 @@ def precompute_statistics(planner) -> None:
                  report_settings={k: v for k, v in shared.items() if k != "cache_dir"})
     settings = CalibrationSettings.from_params(shared)
     device = torch.device(planner.options.device or "cpu")
+    check_shapes(planner)
     for module in config.modules.values():
         for out_slice in module.slices:
             base = out_slice.base_model or config.base_model
@@ -666,6 +679,38 @@ def precompute_statistics(planner) -> None:
                 if calibration is None or isinstance(calibration, str):
                     expert_statistics(source.model, base, calibration, settings, device,
                                       trust_remote_code=planner.options.trust_remote_code)
+
+
+# Config fields that decide tensor shapes; an expert must agree with its base on every one.
+SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "num_hidden_layers", "n_embd", "n_inner", "n_head", "n_layer", "vocab_size")
+
+
+def check_shapes(planner) -> None:
+    """Every expert has the base model's shapes (and vocabulary, unless a tokenizer merge
+    aligns it), checked from the configs before any forward pass: otherwise the statistics
+    pass would run and mergekit would stop at the first mismatched tensor, mid-merge."""
+    config = planner.config
+    remote = planner.options.trust_remote_code
+    tokenizer_merge = config.tokenizer is not None or config.tokenizer_source is not None
+    for module in config.modules.values():
+        for out_slice in module.slices:
+            base = out_slice.base_model or config.base_model
+            base_config = base.config(trust_remote_code=remote).to_dict()
+            for source in out_slice.sources:
+                if source.model == base:
+                    continue
+                expert_config = source.model.config(trust_remote_code=remote).to_dict()
+                for field in SHAPE_FIELDS:
+                    if field == "vocab_size" and tokenizer_merge:
+                        continue
+                    if field in base_config and base_config.get(field) != expert_config.get(field):
+                        raise ValueError(
+                            f"output_qp: model {source.model} has {field} = {expert_config.get(field)!r} but the "
+                            f"base model {base} has {base_config[field]!r}: experts must be fine-tunes of the base "
+                            "with the same shapes" + ("" if field != "vocab_size" else
+                                                     " (or set tokenizer_source / tokenizer to align vocabularies)")
+                        )
 
 
 _patch_lock = threading.Lock()
@@ -725,15 +770,22 @@ def _patch_outputs() -> None:
     """The report is written when mergekit finalises the output (the last task of the graph),
     and the model card points to it."""
     import mergekit.merge
-    from mergekit.io.tasks import FinalizeModel
+    from mergekit.io.tasks import FinalizeModel, SaveTensor
 
     original_finalize = FinalizeModel.execute
+    original_save = SaveTensor.execute
     original_card = mergekit.merge.generate_card
 
     def execute(self, writer, **kwargs):
-        result = original_finalize(self, writer, **kwargs)
-        METHOD.write_report(self.writer_task.out_path)
+        with _naming_output_folder(self.writer_task.out_path):
+            result = original_finalize(self, writer, **kwargs)
+            METHOD.write_report(self.writer_task.out_path)
         return result
+
+    def save(self, writer, tensor):
+        # A full shard is written here: name the folder when that fails (a full disk).
+        with _naming_output_folder(self.writer_task.out_path):
+            return original_save(self, writer, tensor)
 
     def generate_card(config, config_yaml, name=None):
         card = original_card(config, config_yaml, name)
@@ -746,7 +798,25 @@ def _patch_outputs() -> None:
         return card
 
     FinalizeModel.execute = execute
+    SaveTensor.execute = save
     mergekit.merge.generate_card = generate_card
+
+
+class OutputWriteError(RuntimeError):
+    """Writing the merged model failed (disk full, file size limit, ...)."""
+
+
+@contextmanager
+def _naming_output_folder(out_path: str):
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as error:
+        raise OutputWriteError(
+            f"writing the merged model into {out_path} failed: {error}. The folder is incomplete (mergekit writes "
+            "config.json only after every tensor): free space or choose another output folder and merge again"
+        ) from error
 
 
 def check_planner_api(planner_class) -> None:
@@ -754,7 +824,7 @@ def check_planner_api(planner_class) -> None:
     import mergekit
 
     import mergekit.merge
-    from mergekit.io.tasks import FinalizeModel
+    from mergekit.io.tasks import FinalizeModel, SaveTensor
 
     expected = {
         (planner_class, "normalize_config"): ["self"],
@@ -762,6 +832,7 @@ def check_planner_api(planner_class) -> None:
         (planner_class, "plan_layer"): ["self", "sources", "layer_offset", "t", "cfg_reader", "module_name"],
         (planner_class, "_plan"): ["self"],
         (FinalizeModel, "execute"): ["self", "writer", "kwargs"],
+        (SaveTensor, "execute"): ["self", "writer", "tensor"],
         (mergekit.merge, "generate_card"): ["config", "config_yaml", "name"],
     }
     from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask

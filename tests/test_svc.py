@@ -288,9 +288,11 @@ def test_output_qp_svc_true_calibrates_the_solved_update(llama):
     rho_plain = plugin.METHOD.records[-1]["rho"]
     calibrated, _ = merge(paths, root / "cache", name, svc=True)
     rho_svc = plugin.METHOD.records[-1]["rho"]
-    base = grp.base.tensor.double()
-    expected = base + svc.calibrate(plain.double() - base, [e.tensor.double() - base for e in grp.non_base]).update
-    torch.testing.assert_close(calibrated.double(), expected, rtol=1e-5, atol=1e-6)
+    # the rule in float32 on a float32 model, as ties_svc would apply it
+    base = grp.base.tensor.float()
+    expected = base + svc.calibrate(plain.float() - base, [e.tensor.float() - base for e in grp.non_base]).update
+    torch.testing.assert_close(calibrated, expected, rtol=1e-5, atol=1e-6)
+    assert grp.base.tensor.dtype == torch.float32
     assert rho_svc <= rho_plain + 1e-9
     with pytest.raises(ValueError, match="svc_alpha in parameters applies to svc: true only"):
         plugin.check_config(config_of("""
@@ -299,3 +301,19 @@ base_model: b
 models: [{model: a}]
 parameters: {svc_alpha: 0.5}
 """))
+
+
+def test_output_qp_rule_works_in_the_model_precision():
+    """output_qp's update is solved in float64, but the rule runs in the model's precision (as
+    `<method>_svc` does): a component of 1e-6 of an expert's norm is noise for a float32 model
+    (below the presence floor, the direction is left alone), not an overlap that would crush it."""
+    u = torch.linalg.qr(torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(5, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64))[0]
+    first = 2 * torch.outer(u[:, 0], v[:, 0]) + 1e-6 * torch.outer(u[:, 1], v[:, 1])  # distinct σ: 2, 1
+    second = torch.outer(u[:, 1], v[:, 1])
+    update = first + second
+    f32 = plugin.calibrated(update, [first, second], None, torch.float32)
+    f64 = plugin.calibrated(update, [first, second], None, torch.float64)
+    assert f32.dtype == f64.dtype == torch.float64
+    torch.testing.assert_close(f32, update, rtol=0, atol=1e-6)  # nothing shared in float32: unchanged
+    assert float(u[:, 1] @ f64 @ v[:, 1]) < 1e-3  # float64 counts the 1e-6 component and crushes the direction
