@@ -13,6 +13,7 @@ import difflib
 import inspect
 import logging
 import math
+import os
 import re
 import threading
 from contextlib import contextmanager
@@ -771,8 +772,10 @@ def _patch_outputs() -> None:
     and the model card points to it."""
     import mergekit.merge
     from mergekit.io.tasks import FinalizeModel, SaveTensor
+    from mergekit.io.tensor_writer import TensorWriter
 
     original_finalize = FinalizeModel.execute
+    original_writer_init = TensorWriter.__init__
     original_save = SaveTensor.execute
     original_card = mergekit.merge.generate_card
 
@@ -797,8 +800,21 @@ def _patch_outputs() -> None:
             )
         return card
 
+    def writer_init(self, out_path, *args, **kwargs):
+        # A merge into a folder that holds an earlier model overwrites its shards one by one; if
+        # it then fails, the old config.json would make the mix load as a model. Writing starts
+        # here (after planning, so a config error leaves the old model whole): drop the marker,
+        # which mergekit writes again once every tensor is saved.
+        stale = os.path.join(out_path, "config.json")
+        if os.path.isfile(stale):
+            LOG.warning("mergekit-qp: %s held a model; its config.json is removed while the new merge writes "
+                        "there and written again when the merge completes", out_path)
+            os.remove(stale)
+        original_writer_init(self, out_path, *args, **kwargs)
+
     FinalizeModel.execute = execute
     SaveTensor.execute = save
+    TensorWriter.__init__ = writer_init
     mergekit.merge.generate_card = generate_card
 
 
@@ -825,6 +841,7 @@ def check_planner_api(planner_class) -> None:
 
     import mergekit.merge
     from mergekit.io.tasks import FinalizeModel, SaveTensor
+    from mergekit.io.tensor_writer import TensorWriter
 
     expected = {
         (planner_class, "normalize_config"): ["self"],
@@ -833,6 +850,8 @@ def check_planner_api(planner_class) -> None:
         (planner_class, "_plan"): ["self"],
         (FinalizeModel, "execute"): ["self", "writer", "kwargs"],
         (SaveTensor, "execute"): ["self", "writer", "tensor"],
+        (TensorWriter, "__init__"): ["self", "out_path", "max_shard_size", "safe_serialization", "override_basename",
+                                     "use_async", "max_write_threads"],
         (mergekit.merge, "generate_card"): ["config", "config_yaml", "name"],
     }
     from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask

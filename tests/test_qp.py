@@ -750,3 +750,24 @@ def test_every_basis_is_finite_and_never_worse_than_the_base(p, basis):
     base = own_objective(torch.zeros_like(update), deltas, grams, weights, ridge, kind)
     assert math.isfinite(merged)
     assert merged <= base * (1 + 1e-6) + 1e-9 * max(1.0, base), (merged, base)
+
+
+def test_an_expert_alone_captures_its_share_of_the_energy():
+    """Design §3.3: ρ of the base is 0, and an expert alone keeps all of its own task and, when
+    the experts do not interfere (each update is silent on the other tasks' inputs), exactly its
+    share E_k / E of the total energy."""
+    g = torch.Generator().manual_seed(3)
+    m, d = 4, 6
+    xs = [torch.cat([torch.randn(30, 3, generator=g, dtype=F64), torch.zeros(30, 3, dtype=F64)], 1),
+          torch.cat([torch.zeros(40, 3, dtype=F64), torch.randn(40, 3, generator=g, dtype=F64)], 1)]
+    grams = [x.T @ x / x.shape[0] for x in xs]
+    deltas = [torch.cat([torch.randn(m, 3, generator=g, dtype=F64), torch.zeros(m, 3, dtype=F64)], 1),
+              torch.cat([torch.zeros(m, 3, dtype=F64), 3 * torch.randn(m, 3, generator=g, dtype=F64)], 1)]
+    weights = [1.0, 2.0]
+    energy = [w * float(torch.trace(dk @ gk @ dk.T)) for w, dk, gk in zip(weights, deltas, grams)]
+    assert qp.objective(torch.zeros(m, d, dtype=F64), deltas, grams, weights).rho == 0.0
+    for k in range(2):
+        alone = qp.objective(deltas[k], deltas, grams, weights)
+        assert alone.rho_per_task[k] == pytest.approx(1.0)
+        assert alone.rho_per_task[1 - k] == pytest.approx(0.0, abs=1e-12)
+        assert alone.rho == pytest.approx(energy[k] / sum(energy), rel=1e-12)

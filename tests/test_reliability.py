@@ -488,6 +488,31 @@ def test_merge_killed_midway_leaves_no_complete_looking_folder(world, driven, tm
     assert list(out.glob("*.safetensors")) and not looks_complete(out)
 
 
+def test_merge_killed_over_an_earlier_model_leaves_no_complete_looking_folder(world, driven, tmp_path):
+    """Re-merging into a folder that holds a finished model: once the new merge writes its first
+    shard the old config.json is gone, so a kill leaves no mix of old and new that loads."""
+    config = config_file(tmp_path / "c.yml", world)
+    out = tmp_path / "out"
+    first = mergekit_yaml(config, out, driven["reference"][2])
+    assert first.returncode == 0 and looks_complete(out), first.stderr[-2000:]
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    proc = subprocess.Popen([executable("mergekit-yaml"), str(config), str(out), "--out-shard-size", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=clean_env(driven["reference"][2]), cwd=str(tmp_path))
+    deadline = time.monotonic() + 120
+
+    def rewritten():
+        return any(p.name not in before or p.stat().st_mtime_ns != before[p.name] for p in out.glob("*.safetensors"))
+
+    while proc.poll() is None and time.monotonic() < deadline and not rewritten():
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if proc.returncode == 0:
+        pytest.fail("the merge finished before it could be interrupted")
+    assert rewritten() and not looks_complete(out)
+
+
 def _file_size_limit(limit: int):
     def apply():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
