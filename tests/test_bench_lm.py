@@ -56,3 +56,23 @@ def test_lm_smoke(tmp_path):
         assert f"| {name} |" in table, name
     assert "Spearman" in table
     assert (tmp_path / "lm.png").stat().st_size > 1000
+
+    # --update re-runs some rows (and ties, their time baseline) into the same lm.json
+    before = payload["settings"]["gentle"]["methods"]
+    (tmp_path / "lm.json").write_text(json.dumps({**payload, "settings": {"gentle": {
+        **payload["settings"]["gentle"], "methods": {**before, "output_qp": {**before["output_qp"], "wall_vs_ties": 7.5}}}}}))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "lm.py"), "--smoke", "--threads", "1", "--out", str(tmp_path),
+         "--update", "--methods", "ties_svc"],
+        check=False, capture_output=True, text=True, cwd=str(ROOT), env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    updated = json.loads((tmp_path / "lm.json").read_text())
+    after = updated["settings"]["gentle"]["methods"]
+    assert list(after) == names
+    assert after["output_qp"]["wall_vs_ties"] == 7.5  # a kept row keeps its ratio to its own run's ties
+    assert after["output_qp"]["seeds"] == before["output_qp"]["seeds"]
+    assert after["ties_svc"]["wall_s"] != before["ties_svc"]["wall_s"]  # re-measured
+    assert after["ties"]["wall_vs_ties"] == 1.0
+    assert after["ties_svc"]["gain_kept"] == before["ties_svc"]["gain_kept"]  # deterministic merge
+    assert "ties_svc" in updated["meta"]["notes"][-1] and "Rows re-measured" in (tmp_path / "lm.md").read_text()
