@@ -394,7 +394,9 @@ def main(argv=None) -> int:
     kept_ratios, updated = {}, None
     if args.update:
         per_seed, kept_ratios = merge_into_previous(out_dir / "clf.json", per_seed, grid)
-        methods, updated = grid, [m.name for m in methods]
+        # rows re-measured by this or an earlier --update, in grid order
+        earlier = set(json.loads((out_dir / "clf.json").read_text())["meta"].get("updated_rows") or [])
+        methods, updated = grid, [m.name for m in grid if m.name in earlier or m in methods]
     payload = summarise(per_seed, methods, base_acc, tasks, meta={
         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
         "threads": torch.get_num_threads(), "seeds": seeds, "fine_tune": {"steps": steps, "batch": batch, "lr": lr},
