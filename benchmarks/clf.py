@@ -393,7 +393,7 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     kept_ratios, updated = {}, None
     if args.update:
-        per_seed, kept_ratios = merge_into_previous(out_dir / "clf.json", per_seed, grid)
+        per_seed, kept_ratios = merge_into_previous(out_dir / "clf.json", per_seed, grid, args.smoke)
         # rows re-measured by this or an earlier --update, in grid order
         earlier = set(json.loads((out_dir / "clf.json").read_text())["meta"].get("updated_rows") or [])
         methods, updated = grid, [m.name for m in grid if m.name in earlier or m in methods]
@@ -413,12 +413,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def merge_into_previous(path: Path, per_seed: dict, grid) -> tuple[dict, dict]:
+def merge_into_previous(path: Path, per_seed: dict, grid, smoke: bool) -> tuple[dict, dict]:
     """`--update`: the rows just measured over those of the previous run, in grid order.
 
     Returns the merged per-seed rows and, for rows kept from before, their time ratio to the
     ties of their own run (the new rows' ratios are against the ties re-run beside them)."""
     previous = json.loads(path.read_text())
+    if previous["meta"].get("smoke") != smoke:
+        raise SystemExit(f"--update: {path} is a {'smoke' if previous['meta'].get('smoke') else 'full'} run, this one is not")
     if sorted(map(int, previous["meta"]["seeds"])) != sorted(per_seed):
         raise SystemExit(f"--update: {path} has seeds {previous['meta']['seeds']}, this run {sorted(per_seed)}")
     merged = {}

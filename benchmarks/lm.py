@@ -609,6 +609,11 @@ def main() -> None:
         previous = json.loads((out / "lm.json").read_text())
         if sorted(previous["meta"]["seeds"]) != sorted(seeds):
             raise SystemExit(f"--update: {out / 'lm.json'} has seeds {previous['meta']['seeds']}, this run {seeds}")
+        if previous["meta"]["build"] != json.loads(json.dumps(dataclasses.asdict(build))):
+            raise SystemExit(f"--update: {out / 'lm.json'} is of another build (smoke or sizes differ)")
+        missing = [s for s in settings if s not in previous["settings"]]
+        if missing:
+            raise SystemExit(f"--update: {out / 'lm.json'} has no setting {', '.join(missing)} to update; run it in full")
         result = {**previous, "meta": {**previous["meta"]}, "settings": dict(previous["settings"])}
         note = (f"Rows re-measured in a later run (`lm.py --update --settings {' '.join(settings)}`): "
                 f"{', '.join(n for n in only if n != 'ties')} (and ties, their time baseline); each row's × ties is "

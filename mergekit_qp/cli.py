@@ -98,8 +98,10 @@ def diagnose_command(config_file: str, merged_path: str, calibration_config, dev
               help="device of the merges (mergekit-yaml --device), calibration passes and held-out loss")
 @click.option("--keep-models/--no-keep-models", default=False, show_default=True,
               help="keep the merged models in OUT/models/METHOD (by default each is deleted once measured)")
+@click.option("--spectrum/--no-spectrum", "with_spectrum", default=True, show_default=True,
+              help="also the rank spectrum of the experts (one SVD per linear map; slow on large models)")
 def compare_command(config_file: str, methods: str, params, eval_files, eval_samples: int, eval_seq_len,
-                    out_dir: str, device: str, keep_models: bool) -> None:
+                    out_dir: str, device: str, keep_models: bool, with_spectrum: bool) -> None:
     """Merge the experts of CONFIG_FILE (an output_qp config: base_model, models with
     calibration) with each method through `mergekit-yaml`, and print one table: ρ overall and
     per task, held-out loss per task (with --eval), wall time, × ties (or the first built-in
@@ -124,8 +126,9 @@ def compare_command(config_file: str, methods: str, params, eval_files, eval_sam
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     try:
         result = compare(config_file, chosen, params, eval_files, out_dir, device, keep_models,
-                         eval_samples, eval_seq_len)
+                         eval_samples, eval_seq_len, with_spectrum)
     except CompareError as error:
         raise click.ClickException(str(error)) from None
     click.echo(format_table(result))
-    click.echo(f"\nwritten: {out_dir}/compare.json, compare.md, compare.png, spectrum.json, spectrum.md, spectrum.png")
+    written = "compare.json, compare.md, compare.png" + (", spectrum.json, spectrum.md, spectrum.png" if with_spectrum else "")
+    click.echo(f"\nwritten: {out_dir}/{written}")

@@ -197,15 +197,19 @@ def parse_eval(items: Sequence[str], experts: Sequence[str], names: Sequence[str
     pairs (EXPERT: the model as written in the config, or its task name)."""
     if not items:
         return {}
-    pairs = all("=" in item for item in items)
+    def task_of(item):  # an EXPERT=FILE pair only when EXPERT names an expert (a path may hold '=')
+        who = item.partition("=")[0]
+        return next((n for e, n in zip(experts, names) if who in (e, n)), None) if "=" in item else None
+
+    tasks = [task_of(item) for item in items]
     result: Dict[str, str] = {}
-    if pairs:
-        for item in items:
-            who, _, path = item.partition("=")
-            match = [n for e, n in zip(experts, names) if who in (e, n)]
-            if not match:
-                raise CompareError(f"compare: --eval {item!r}: {who!r} is none of the experts ({', '.join(names)})")
-            result[match[0]] = path
+    if any(tasks) and not all(tasks):
+        odd = next(item for item, task in zip(items, tasks) if task is None)
+        raise CompareError(f"compare: --eval {odd!r} is not EXPERT=FILE with EXPERT one of the experts "
+                           f"({', '.join(names)}), while other --eval values are: use one form for all")
+    if all(tasks):
+        for item, task in zip(items, tasks):
+            result[task] = item.partition("=")[2]
     else:
         if len(items) != len(experts):
             raise CompareError(f"compare: --eval got {len(items)} files for {len(experts)} experts: give one per "
@@ -348,8 +352,9 @@ def _short_task_names(spectrum: Dict[str, Any], names: Sequence[str], experts: S
 
 def compare(config_path: str, methods: Sequence[str], params: Sequence[str] = (), eval_items: Sequence[str] = (),
             out_dir: str = "compare-out", device: str = "cpu", keep_models: bool = False,
-            eval_samples: int = 256, eval_seq_len: Optional[int] = None) -> Dict[str, Any]:
-    """Run the comparison and write its files; returns the compare.json payload."""
+            eval_samples: int = 256, eval_seq_len: Optional[int] = None, with_spectrum: bool = True) -> Dict[str, Any]:
+    """Run the comparison and write its files; returns the compare.json payload. `with_spectrum`:
+    also the rank spectrum (one SVD per linear map: on a large model it can outlast the merges)."""
     from tqdm.auto import tqdm
 
     from . import plugin
@@ -386,7 +391,7 @@ def compare(config_path: str, methods: Sequence[str], params: Sequence[str] = ()
     problem = plugin.calibration_problem(config_path, None, device)
     qp_plan = next((p for p in plans if p.name == OUTPUT_QP), None)
     ridge = float((qp_plan.shared if qp_plan else {}).get("ridge", problem.settings["ridge"]))
-    spectrum = _short_task_names(plugin.spectrum(problem, ridge), names, problem.names)
+    spectrum = _short_task_names(plugin.spectrum(problem, ridge), names, problem.names) if with_spectrum else None
     from .spectrum import write_spectrum
 
     sequences, pad_id = {}, 0
@@ -450,7 +455,8 @@ def compare(config_path: str, methods: Sequence[str], params: Sequence[str] = ()
         "rows": [*rows, *references],
         "spectrum": spectrum,
     }
-    write_spectrum(str(out), spectrum)
+    if spectrum is not None:
+        write_spectrum(str(out), spectrum)
     plot_compare(result, str(out / "compare.png"))
     (out / "compare.md").write_text(render_markdown(result), encoding="utf-8")
     # compare.json last, and atomically: its presence means a complete run.
@@ -505,7 +511,6 @@ def format_table(result: Dict[str, Any]) -> str:
 def render_markdown(result: Dict[str, Any]) -> str:
     header = _header(result)
     spectrum = result["spectrum"]
-    ranks = ["full" if i == len(spectrum["ranks"]) - 1 else str(r) for i, r in enumerate(spectrum["ranks"])]
     lines = [
         "# mergekit-qp compare",
         "",
@@ -522,15 +527,21 @@ def render_markdown(result: Dict[str, Any]) -> str:
         "",
         "![ρ per layer and per task](compare.png)",
         "",
-        "## Spectrum of the experts",
-        "",
-        "ρ of the best update of rank ≤ N (output_qp `basis: rank-N`); details per layer in "
-        "[spectrum.md](spectrum.md).",
-        "",
-        "| N | " + " | ".join(ranks) + " |",
-        "|---|" + "---:|" * len(ranks),
-        "| ρ | " + " | ".join(f"{v:.4f}" for v in spectrum["rho"]) + " |",
-        "",
+    ]
+    if spectrum is not None:
+        ranks = ["full" if i == len(spectrum["ranks"]) - 1 else str(r) for i, r in enumerate(spectrum["ranks"])]
+        lines += [
+            "## Spectrum of the experts",
+            "",
+            "ρ of the best update of rank ≤ N (output_qp `basis: rank-N`); details per layer in "
+            "[spectrum.md](spectrum.md).",
+            "",
+            "| N | " + " | ".join(ranks) + " |",
+            "|---|" + "---:|" * len(ranks),
+            "| ρ | " + " | ".join(f"{v:.4f}" for v in spectrum["rho"]) + " |",
+            "",
+        ]
+    lines += [
         "## Methods",
         "",
     ]

@@ -684,7 +684,28 @@ def precompute_statistics(planner) -> None:
 
 # Config fields that decide tensor shapes; an expert must agree with its base on every one.
 SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-                "num_hidden_layers", "n_embd", "n_inner", "n_head", "n_layer", "vocab_size")
+                "n_embd", "n_inner", "n_head", "vocab_size")
+# Depth is not a shape: `slices:` may take layers from experts of other depths; only the layers
+# a slice asks for must exist.
+DEPTH_FIELDS = ("num_hidden_layers", "n_layer")
+
+
+def check_depths(config, trust_remote_code: bool) -> None:
+    """A `models:` config of output_qp takes every layer of every expert: one with another depth
+    than the base is an error naming it (mergekit's own says only that the slice's inputs
+    differ). `slices:` configs name their layer ranges; check_shapes checks those."""
+    if config.merge_method != METHOD_NAME or not config.models or config.base_model is None:
+        return
+
+    def depth(model):
+        found = model.config(trust_remote_code=trust_remote_code).to_dict()
+        return next((found[f] for f in DEPTH_FIELDS if isinstance(found.get(f), int)), None)
+
+    base_depth = depth(config.base_model)
+    for m in config.models:
+        if m.model != config.base_model and base_depth is not None and depth(m.model) not in (None, base_depth):
+            raise ValueError(f"output_qp: model {m.model} has {depth(m.model)} layers but the base model "
+                             f"{config.base_model} has {base_depth}: experts must be fine-tunes of the base")
 
 
 def check_shapes(planner) -> None:
@@ -702,6 +723,10 @@ def check_shapes(planner) -> None:
                 if source.model == base:
                     continue
                 expert_config = source.model.config(trust_remote_code=remote).to_dict()
+                depth = next((expert_config[f] for f in DEPTH_FIELDS if isinstance(expert_config.get(f), int)), None)
+                if depth is not None and source.layer_range is not None and source.layer_range[1] > depth:
+                    raise ValueError(f"output_qp: the config takes layers {source.layer_range[0]}–"
+                                     f"{source.layer_range[1] - 1} from model {source.model}, which has {depth} layers")
                 for field in SHAPE_FIELDS:
                     if field == "vocab_size" and tokenizer_merge:
                         continue
@@ -736,6 +761,7 @@ def patch_mergekit() -> None:
 
         def normalize_config(self):
             check_config(self.config)
+            check_depths(self.config, self.options.trust_remote_code)
             original_normalize(self)
             check_slices(self.config)
             check_sequential(self)
@@ -771,11 +797,10 @@ def _patch_outputs() -> None:
     """The report is written when mergekit finalises the output (the last task of the graph),
     and the model card points to it."""
     import mergekit.merge
-    from mergekit.io.tasks import FinalizeModel, SaveTensor
-    from mergekit.io.tensor_writer import TensorWriter
+    from mergekit.io.tasks import FinalizeModel, SaveTensor, TensorWriterTask
 
     original_finalize = FinalizeModel.execute
-    original_writer_init = TensorWriter.__init__
+    original_open_writer = TensorWriterTask.execute
     original_save = SaveTensor.execute
     original_card = mergekit.merge.generate_card
 
@@ -800,21 +825,21 @@ def _patch_outputs() -> None:
             )
         return card
 
-    def writer_init(self, out_path, *args, **kwargs):
+    def open_writer(self, **_kwargs):
         # A merge into a folder that holds an earlier model overwrites its shards one by one; if
-        # it then fails, the old config.json would make the mix load as a model. Writing starts
-        # here (after planning, so a config error leaves the old model whole): drop the marker,
-        # which mergekit writes again once every tensor is saved.
-        stale = os.path.join(out_path, "config.json")
+        # it then fails, the old config.json would make the mix load as a model. The merge graph
+        # opens its writer here, once planning is done (so a config error leaves the old model
+        # whole): drop the marker, which mergekit writes again once every tensor is saved.
+        stale = os.path.join(self.out_path, "config.json")
         if os.path.isfile(stale):
             LOG.warning("mergekit-qp: %s held a model; its config.json is removed while the new merge writes "
-                        "there and written again when the merge completes", out_path)
+                        "there and written again when the merge completes", self.out_path)
             os.remove(stale)
-        original_writer_init(self, out_path, *args, **kwargs)
+        return original_open_writer(self, **_kwargs)
 
     FinalizeModel.execute = execute
     SaveTensor.execute = save
-    TensorWriter.__init__ = writer_init
+    TensorWriterTask.execute = open_writer
     mergekit.merge.generate_card = generate_card
 
 
@@ -840,8 +865,7 @@ def check_planner_api(planner_class) -> None:
     import mergekit
 
     import mergekit.merge
-    from mergekit.io.tasks import FinalizeModel, SaveTensor
-    from mergekit.io.tensor_writer import TensorWriter
+    from mergekit.io.tasks import FinalizeModel, SaveTensor, TensorWriterTask
 
     expected = {
         (planner_class, "normalize_config"): ["self"],
@@ -850,8 +874,7 @@ def check_planner_api(planner_class) -> None:
         (planner_class, "_plan"): ["self"],
         (FinalizeModel, "execute"): ["self", "writer", "kwargs"],
         (SaveTensor, "execute"): ["self", "writer", "tensor"],
-        (TensorWriter, "__init__"): ["self", "out_path", "max_shard_size", "safe_serialization", "override_basename",
-                                     "use_async", "max_write_threads"],
+        (TensorWriterTask, "execute"): ["self", "_kwargs"],
         (mergekit.merge, "generate_card"): ["config", "config_yaml", "name"],
     }
     from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
@@ -859,10 +882,12 @@ def check_planner_api(planner_class) -> None:
     # Sequential merging reads these fields of mergekit's per-tensor merge task and calls it.
     needed = {"gather_tensors", "model_order", "base_model", "output_weight", "parameters", "input_parameters"}
     missing = needed - set(getattr(ExecuteMergeMethodTask, "model_fields", {}))
+    # The output-folder guard reads the writer task's folder.
+    missing |= {"TensorWriterTask.out_path"} - {f"TensorWriterTask.{f}" for f in getattr(TensorWriterTask, "model_fields", {})}
     if missing:
         raise RuntimeError(
             f"mergekit {getattr(mergekit, '__version__', None) or _distribution_version()}: ExecuteMergeMethodTask "
-            f"lacks {', '.join(sorted(missing))}, which mergekit-qp {_package_version()} expects (written for "
+            f"or TensorWriterTask lacks {', '.join(sorted(missing))}, which mergekit-qp {_package_version()} expects (written for "
             "mergekit 0.1.5); output_qp is disabled. Upgrade mergekit-qp.")
     for (owner, name), params in expected.items():
         method = getattr(owner, name, None)

@@ -346,3 +346,28 @@ def test_spectrum_equals_the_best_rank_n_least_squares_solution(ridge, m, d):
     if ridge == 0.0:  # J itself is what the rank-N optimum minimises: more rank never captures less
         assert all(b >= a - 1e-12 for a, b in zip(curve, curve[1:]))
     assert all(math.isfinite(v) for v in curve)
+
+
+def test_eval_values_pair_only_with_an_expert_name(tmp_path):
+    from mergekit_qp.compare import CompareError, parse_eval
+
+    (tmp_path / "lr=1").mkdir()
+    a, b = tmp_path / "lr=1" / "a.jsonl", tmp_path / "lr=1" / "b.jsonl"
+    a.write_text("{}"), b.write_text("{}")
+    experts, names = ["/m/expert_a", "/m/expert_b"], ["expert_a", "expert_b"]
+    assert parse_eval([f"expert_b={b}", f"/m/expert_a={a}"], experts, names) == {"expert_a": str(a), "expert_b": str(b)}
+    # a path that holds '=' is a file, not a pair
+    assert parse_eval([str(a), str(b)], experts, names) == {"expert_a": str(a), "expert_b": str(b)}
+    with pytest.raises(CompareError, match="use one form for all"):
+        parse_eval([f"expert_a={a}", str(b)], experts, names)
+
+
+def test_markdown_without_the_spectrum(compared):
+    """--no-spectrum: the table and methods stay, the spectrum section goes."""
+    from mergekit_qp.compare import render_markdown
+
+    with_spectrum = render_markdown(compared.json)
+    without = render_markdown({**compared.json, "spectrum": None})
+    assert "## Spectrum of the experts" in with_spectrum and "## Spectrum of the experts" not in without
+    assert without.split("## Methods")[1] == with_spectrum.split("## Methods")[1]
+    assert all(f"| {name} |" in without for name in compared.rows)

@@ -163,6 +163,7 @@ def world(tmp_path_factory):
         "base_no_tokenizer": variant(paths["base"], m / "base_no_tokenizer", drop_tokenizer=True),
         "expert_wide": other_shape(m, "expert_wide", intermediate_size=64),
         "expert_vocab": other_shape(m, "expert_vocab", vocab_size=80),
+        "expert_shallow": other_shape(m, "expert_shallow", num_hidden_layers=1),
         "olmo2": {name: variant(paths[name], m / f"olmo2_{name}",
                                 config_change={"model_type": "olmo2", "architectures": ["Olmo2ForCausalLM"]})
                   for name in ("base", "expert_a", "expert_b")},
@@ -230,6 +231,7 @@ def _jobs(w) -> dict:
         "slices that do not line up": dict(slices=True),
         "expert of another shape": dict(experts=(w["expert_a"], w["expert_wide"])),
         "expert of another vocabulary": dict(experts=(w["expert_vocab"], w["expert_b"])),
+        "expert with fewer layers": dict(experts=(w["expert_a"], w["expert_shallow"])),
         "sequential on an unsupported architecture": dict(base=o2["base"], experts=(o2["expert_a"], o2["expert_b"]),
                                                           parameters={"sequential": True}),
         # checkpoints
@@ -301,6 +303,7 @@ FAILS_EARLY = {
     "slices that do not line up": ["slices do not line up", "expert_a"],
     "expert of another shape": ["expert_wide has intermediate_size = 64", "has 48"],
     "expert of another vocabulary": ["expert_vocab has vocab_size = 80", "has 64", "tokenizer_source"],
+    "expert with fewer layers": ["expert_shallow has 1 layers but the base model", "has 2"],
     "sequential on an unsupported architecture": ["sequential: true does not support the 'olmo2' architecture"],
     "NaN in an expert": ["expert_nan' has NaN or Inf in tensor model.layers.0.mlp.up_proj.weight"],
 }
