@@ -232,6 +232,7 @@ def _jobs(w) -> dict:
         "expert of another shape": dict(experts=(w["expert_a"], w["expert_wide"])),
         "expert of another vocabulary": dict(experts=(w["expert_vocab"], w["expert_b"])),
         "expert with fewer layers": dict(experts=(w["expert_a"], w["expert_shallow"])),
+        "slice asking an expert for layers it lacks": dict(slices_from_shallow=True),
         "sequential on an unsupported architecture": dict(base=o2["base"], experts=(o2["expert_a"], o2["expert_b"]),
                                                           parameters={"sequential": True}),
         # checkpoints
@@ -258,7 +259,15 @@ def driven(world):
         spec = dict(spec)
         options = spec.pop("options", [])
         config_path = root / f"job{i}.yml"
-        if spec.pop("slices", False):
+        if spec.pop("slices_from_shallow", False):  # both sources take layers 0–1; the expert has one layer
+            calib = {"calibration": str(world["calib_a"])}
+            config = {"merge_method": "output_qp", "base_model": str(world["base"]), "dtype": "float32",
+                      "parameters": dict(FAST),
+                      "slices": [{"sources": [{"model": str(world["base"]), "layer_range": [0, 2]},
+                                              {"model": str(world["expert_shallow"]), "layer_range": [0, 2],
+                                               "parameters": calib}]}]}
+            config_path.write_text(yaml.safe_dump(config))
+        elif spec.pop("slices", False):
             calib = {"calibration": str(world["calib_a"])}
             config = {"merge_method": "output_qp", "base_model": str(world["base"]), "dtype": "float32",
                       "slices": [{"sources": [{"model": str(world["base"]), "layer_range": [0, 1]},
@@ -304,6 +313,7 @@ FAILS_EARLY = {
     "expert of another shape": ["expert_wide has intermediate_size = 64", "has 48"],
     "expert of another vocabulary": ["expert_vocab has vocab_size = 80", "has 64", "tokenizer_source"],
     "expert with fewer layers": ["expert_shallow has 1 layers but the base model", "has 2"],
+    "slice asking an expert for layers it lacks": ["takes layers 0–1 from model", "expert_shallow, which has 1 layers"],
     "sequential on an unsupported architecture": ["sequential: true does not support the 'olmo2' architecture"],
     "NaN in an expert": ["expert_nan' has NaN or Inf in tensor model.layers.0.mlp.up_proj.weight"],
 }
