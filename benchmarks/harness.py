@@ -2,23 +2,21 @@
 with per-process wall/CPU/peak-memory, ρ of any merged model, and the result files.
 
 Every merge is a real `mergekit-yaml CONFIG OUT` subprocess (the path users take; the plugin is
-loaded by its start-up hook). Peak memory and CPU time come from `os.wait4`, so they are the
-merge process's own, not the benchmark's.
+loaded by its start-up hook), run by the runner `mergekit-qp compare` and the demo use
+(mergekit_qp/cli/runner.py). Peak memory and CPU time come from `os.wait4` in a thin launcher,
+so they are the merge process tree's own, not the benchmark's.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
+from mergekit_qp.cli import runner
+from mergekit_qp.cli.method_defaults import PER_EXPERT_DEFAULTS
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -50,22 +48,26 @@ def with_svc(method: Method) -> Method:
 
 
 def method_grid(*, rank: int, smoke: bool = False) -> list[Method]:
-    """Built-ins beside every output_qp basis, a small ridge sweep, task-basis variants and sequential."""
+    """Built-ins beside every output_qp basis, a small ridge sweep, task-basis variants and sequential.
+
+    linear, ties and dare_ties take the per-expert defaults compare and the demo use
+    (mergekit_qp/cli/method_defaults.py: weight 1.0, density 0.5); task arithmetic is swept over λ."""
+    linear = Method("linear", "linear", dict(PER_EXPERT_DEFAULTS["linear"]))
+    ties = Method("ties", "ties", dict(PER_EXPERT_DEFAULTS["ties"]))
     if smoke:
         return [
-            Method("linear", "linear", {"weight": 1.0}),
-            Method("ties", "ties", {"weight": 1.0, "density": 0.5}),
+            linear,
+            ties,
             Method("output_qp", "output_qp"),
             Method("output_qp task", "output_qp", parameters={"basis": "task"}),
             Method("output_qp sequential", "output_qp", parameters={"sequential": True}),
-            with_svc(Method("ties", "ties", {"weight": 1.0, "density": 0.5})),
+            with_svc(ties),
         ]
     task_arithmetic = [Method(f"task_arithmetic λ={lam}", "task_arithmetic", {"weight": lam}) for lam in (0.3, 0.5, 1.0)]
-    ties = Method("ties", "ties", {"weight": 1.0, "density": 0.5})
-    dare_ties = Method("dare_ties", "dare_ties", {"weight": 1.0, "density": 0.5})
+    dare_ties = Method("dare_ties", "dare_ties", dict(PER_EXPERT_DEFAULTS["dare_ties"]))
     output_qp = Method("output_qp", "output_qp")  # the defaults: basis full, ridge 1e-4
     return [
-        Method("linear", "linear", {"weight": 1.0}),
+        linear,
         *[row for m in task_arithmetic for row in (m, with_svc(m))],
         ties, with_svc(ties),
         dare_ties, with_svc(dare_ties),
@@ -103,52 +105,17 @@ def merge_config(method: Method, base: Path, experts: dict[str, Path], calibrati
     return config
 
 
-def mergekit_yaml() -> list[str]:
-    candidate = Path(sys.executable).parent / "mergekit-yaml"
-    if candidate.is_file():
-        return [str(candidate)]
-    found = shutil.which("mergekit-yaml")
-    if not found:
-        raise RuntimeError("mergekit-yaml not found: install this package (`pip install .`) first")
-    return [found]
-
-
-# Peak memory is read by a thin launcher, not by the benchmark itself: on Linux a child's
-# ru_maxrss starts from the memory of the process it was forked from (the high-water mark survives
-# fork and exec), so a benchmark holding a model in memory would add its own size to every merge.
-LAUNCHER = r"""
-import json, os, subprocess, sys, time
-start = time.perf_counter()
-proc = subprocess.Popen(sys.argv[2:])
-_, status, usage = os.wait4(proc.pid, 0)
-with open(sys.argv[1], "w") as fp:
-    json.dump({"wall_s": time.perf_counter() - start, "cpu_s": usage.ru_utime + usage.ru_stime,
-               "peak_rss_mb": usage.ru_maxrss / 1024}, fp)
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
-
-
 def run_merge(config: dict, out: Path, log_dir: Path, threads: int | None = None) -> dict:
-    """`mergekit-yaml CONFIG OUT` in its own process; wall, CPU and peak RSS of that process.
+    """`mergekit-yaml CONFIG OUT` in its own process; wall, CPU and peak RSS of its process tree
+    (the config and the merge's log go to log_dir as OUT's name .yml / .log).
 
     `threads` caps torch's threads in the merge (OMP_NUM_THREADS), so that two suites can run
     side by side on a small machine without oversubscribing it."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out, ignore_errors=True)
-    config_path = log_dir / f"{out.name}.yml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
-    log_path, cost_path = log_dir / f"{out.name}.log", log_dir / f"{out.name}.cost.json"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    cmd = [*mergekit_yaml(), str(config_path), str(out), "--copy-tokenizer", "--random-seed", "0"]
-    with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, "-c", LAUNCHER, str(cost_path), *cmd], stdout=log,
-                              stderr=subprocess.STDOUT, env=env, check=False)
-    if proc.returncode != 0 or not (out / "config.json").is_file():
-        tail = "\n".join(log_path.read_text().splitlines()[-30:])
-        raise RuntimeError(f"mergekit-yaml failed ({proc.returncode}) for {config_path}; log {log_path}:\n{tail}")
-    return json.loads(cost_path.read_text())
+    config_path = runner.write_config(log_dir / f"{out.name}.yml", config)
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    run = runner.run_merge(config_path, out, options=["--copy-tokenizer", "--random-seed", "0"],
+                           log=log_dir / f"{out.name}.log", env=env)
+    return run.cost()
 
 
 def svc_seconds(base: Path, experts: dict[str, Path], merged: Path) -> float:
@@ -158,8 +125,8 @@ def svc_seconds(base: Path, experts: dict[str, Path], merged: Path) -> float:
     share of the `_svc` merge without the noise of two separate merge processes."""
     import time
 
-    from mergekit_qp import svc
-    from mergekit_qp.diagnostic import Checkpoint
+    from mergekit_qp.core import svc
+    from mergekit_qp.calibration.checkpoint import Checkpoint
 
     base_ck, merged_ck = Checkpoint(str(base)), Checkpoint(str(merged))
     expert_ck = [Checkpoint(str(p)) for p in experts.values()]
@@ -197,8 +164,8 @@ def rho_function(base: Path, experts: dict[str, Path], calibration: dict[str, Pa
     """ρ overall and per task of any model folder, on the statistics output_qp uses (cached)."""
     import torch
 
-    from mergekit_qp.calibrate import CalibrationSettings, expert_statistics
-    from mergekit_qp.diagnostic import linear_diagnostic
+    from mergekit_qp.calibration.cache import CalibrationSettings, expert_statistics
+    from mergekit_qp.reports.diagnose import linear_diagnostic
 
     settings = CalibrationSettings(samples=calibration_parameters["calibration_samples"],
                                    seq_len=calibration_parameters["calibration_seq_len"], cache_dir=str(cache_dir))

@@ -379,16 +379,12 @@ def build_models(build: Build, root: Path, settings: list[str], seeds: list[int]
 
 
 def heldout_losses(model_dir: Path, windows: dict) -> dict:
-    """Mean next-token loss (nats/token) per domain on the fixed test windows."""
-    import torch
-    from transformers import LlamaForCausalLM
+    """Mean next-token loss (nats/token) per domain on the fixed test windows (the shared held-out
+    loss of mergekit_qp/cli/runner.py: every window is full length, so batch means weigh equally)."""
+    from mergekit_qp.cli.runner import heldout_loss, load_causal_lm
 
-    model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    losses = {}
-    with torch.inference_mode():
-        for d, w in windows.items():  # every window is full length: batch means weigh equally
-            losses[d] = sum(model(input_ids=b, labels=b).loss.item() * len(b) for b in w.split(16)) / len(w)
-    return losses
+    model = load_causal_lm(model_dir)
+    return {d: heldout_loss(model, ((b, None) for b in w.split(16)), average="batch_means") for d, w in windows.items()}
 
 
 # ----------------------------------------------------------------------------- metrics

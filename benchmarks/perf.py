@@ -18,7 +18,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -64,7 +63,7 @@ run_merge(config, sys.argv[2], options=MergeOptions(quiet=True, copy_tokenizer=F
 wall, cpu = time.perf_counter() - start, time.process_time() - cpu
 stop.set()
 # VmHWM, not ru_maxrss: on Linux ru_maxrss keeps the high-water mark of the process this one was
-# forked from (it survives fork and exec), so it would count perf.py's own memory.
+# forked from (it survives fork and exec), so it would count the memory of whatever started it.
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": int(hwm.split()[1]) / 1024,
                   "peak_anon_mb": peak_anon[0] / 1024}))
@@ -120,23 +119,28 @@ def write_config(path: Path, paths: dict, method: str, samples: int, seq_len: in
 def run_merge_process(config: Path, out: Path, cache: Path, out_shard_size: int | None = None) -> dict:
     """One merge in a fresh process: wall, CPU, peak RSS (VmHWM) and sampled peak anonymous RSS.
 
+    The merge runs in RUNNER, which times `run_merge` itself (not the interpreter's or mergekit's
+    start-up) and reads its own memory; the process is run, and a failure reported (naming the
+    config and the output folder), by the shared runner of mergekit_qp/cli/runner.py.
     `out_shard_size` (bytes) makes mergekit's writer flush output shards that often: it holds
     every merged tensor of the current shard in memory (default 5 GB, i.e. the whole model here)."""
+    from mergekit_qp.cli.runner import MergeFailed, run_measured
+
     shutil.rmtree(out, ignore_errors=True)
-    env = dict(os.environ, MERGEKIT_QP_CACHE=str(cache), HF_HUB_OFFLINE="1")
     shard = [str(out_shard_size)] if out_shard_size else []
-    result = subprocess.run([sys.executable, "-c", RUNNER, str(config), str(out), *shard],
-                            capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"merge failed for {config}:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    run = run_measured([sys.executable, "-c", RUNNER, str(config), str(out), *shard],
+                       env={"MERGEKIT_QP_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+    report = next((line for line in reversed(run.output_tail.splitlines()) if line.startswith('{"wall_s"')), None)
+    if run.returncode != 0 or report is None:
+        raise MergeFailed(config, out, run)
+    return json.loads(report)
 
 
 def forward_ratio(model_dir: Path, calib: Path, samples: int, seq_len: int, reps: int) -> dict:
     """Statistics pass over the calibration tokens against a plain forward pass (median of reps)."""
-    from mergekit_qp.calibrate import load_model
-    from mergekit_qp.calibration import CalibrationSource, batches, load_records, tokenize_calibration
-    from mergekit_qp.statistics import StatisticsCollector
+    from mergekit_qp.calibration.models import load_model
+    from mergekit_qp.calibration.data import CalibrationSource, batches, load_records, tokenize_calibration
+    from mergekit_qp.calibration.collector import StatisticsCollector
 
     model = load_model(str(model_dir), torch.device("cpu"))
     sequences = tokenize_calibration(load_records(CalibrationSource(str(calib))), None,

@@ -45,8 +45,8 @@ def calibrated_models(base: Path, experts: list[Path], merged: Path, stats, out_
     import torch
     from safetensors.torch import save_file
 
-    from mergekit_qp import svc
-    from mergekit_qp.diagnostic import Checkpoint
+    from mergekit_qp.core import svc
+    from mergekit_qp.calibration.checkpoint import Checkpoint
 
     base_ck, merged_ck = Checkpoint(str(base)), Checkpoint(str(merged))
     expert_ck = [Checkpoint(str(p)) for p in experts]
@@ -99,7 +99,7 @@ def run(build, root: Path, models: dict, setting: str, seeds: list[int], threads
     for seed in seeds:
         experts = models["experts"][setting, seed]
         rho = rho_function(models["base"], experts, calibration, calib_params, root / "statistics")
-        from mergekit_qp.calibrate import CalibrationSettings, expert_statistics
+        from mergekit_qp.calibration.cache import CalibrationSettings, expert_statistics
 
         settings = CalibrationSettings(samples=calib_params["calibration_samples"],
                                        seq_len=calib_params["calibration_seq_len"], cache_dir=str(root / "statistics"))

@@ -1,0 +1,207 @@
+"""The statistics of an expert on its calibration data: one whole-model forward pass with the
+hook collector, kept in memory for the process and on disk across processes.
+
+The disk key covers everything the statistics depend on: the model's files, the data's content,
+the tokenizer's files and the sampling settings, so a sweep over `basis` or `ridge` re-solves
+without a single forward pass, while a changed model or data set is recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional
+
+import torch
+
+from .. import __version__
+from .collector import StatisticsCollector
+from .data import CalibrationError, CalibrationSource, batches, calibration_fingerprint, load_records, \
+    tokenize_calibration
+from .models import load_model, load_tokenizer, local_model_path, tokenizer_fingerprint
+from .store import FORMAT_VERSION as STATISTICS_FORMAT
+from .store import ModelStatistics, StatisticsError, files_fingerprint, fingerprint, save_statistics, \
+    statistics_metadata
+
+LOG = logging.getLogger("mergekit_qp")
+
+WEIGHT_FILES = (".safetensors", ".bin", ".json", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    field: Optional[str] = None
+    cache_dir: Optional[str] = None
+    max_batch_tokens: int = 4096
+
+    @staticmethod
+    def from_params(params) -> "CalibrationSettings":
+        return CalibrationSettings(
+            samples=int(params["calibration_samples"]),
+            seq_len=int(params["calibration_seq_len"]),
+            seed=int(params["calibration_seed"]),
+            field=params.get("calibration_field"),
+            cache_dir=params.get("cache_dir"),
+        )
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("MERGEKIT_QP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mergekit_qp")
+
+
+class StatisticsCache:
+    """Expert statistics by cache key (memory, then disk, then a forward pass).
+
+    `forget_requests()` makes the next request re-check model and data fingerprints (each new
+    merge calls it); `clear()` forgets everything held in memory."""
+
+    def __init__(self):
+        self._by_key: Dict[str, ModelStatistics] = {}
+        self._by_request: Dict[tuple, ModelStatistics] = {}  # (model, base, calibration, settings)
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._by_key.clear()
+            self._by_request.clear()
+
+    def forget_requests(self) -> None:
+        with self._lock:
+            self._by_request.clear()
+
+    def expert_statistics(self, model, base_model, calibration: Optional[str], settings: CalibrationSettings,
+                          device: torch.device, trust_remote_code: bool = False) -> ModelStatistics:
+        """Statistics of one expert on its calibration data."""
+        model_dir = local_model_path(model)
+        base_dir = local_model_path(base_model)
+        if not calibration:
+            raise ValueError(
+                f"output_qp: no calibration data for model {model_dir!r}: set `calibration:` in its "
+                "parameters (or a default in the top-level parameters)"
+            )
+        # The method asks once per tensor: hashing the data and stat-ing the model folder each
+        # time would cost more than the solve, so remember the answer until forget_requests().
+        request = (model_dir, base_dir, str(calibration), settings)
+        if (known := self._by_request.get(request)) is not None:
+            return known
+        source = CalibrationSource(path=str(calibration), field=settings.field)
+        key = fingerprint({
+            "mergekit_qp": __version__,
+            "statistics_format": STATISTICS_FORMAT,
+            "model": files_fingerprint(model_dir, WEIGHT_FILES),
+            "data": calibration_fingerprint(source),
+            "tokenizer": tokenizer_fingerprint(base_dir),
+            "samples": str(settings.samples),
+            "seq_len": str(settings.seq_len),
+            "seed": str(settings.seed),
+        })
+        with self._lock:
+            if key in self._by_key:
+                self._by_request[request] = self._by_key[key]
+                return self._by_key[key]
+            path = os.path.join(settings.cache_dir or default_cache_dir(), f"{key}.safetensors")
+            stats = _read_cached(path, key, model_dir)
+            if stats is None:
+                stats = compute_statistics(model_dir, base_dir, source, settings, device, trust_remote_code,
+                                           description={"cache_key": key})
+                _write_cached(path, stats, model_dir)
+            self._by_key[key] = self._by_request[request] = stats
+            return stats
+
+
+def _read_cached(path: str, key: str, model_dir: str) -> Optional[ModelStatistics]:
+    if not os.path.exists(path):
+        return None
+    try:
+        stats = ModelStatistics.open(path)
+        stored = stats.metadata.get("cache_key")
+        if stored is not None and stored != key:  # files of older versions carry no key
+            raise StatisticsError(f"{path} holds statistics of another model, data set or settings")
+        LOG.info("output_qp: statistics of %s from cache %s", model_dir, path)
+        return stats
+    except StatisticsError as error:
+        LOG.warning("output_qp: ignoring unusable cache file (%s); recomputing", error)
+        return None
+
+
+def _write_cached(path: str, stats: ModelStatistics, model_dir: str) -> None:
+    try:
+        save_statistics(path, stats)
+    except Exception as error:  # OSError, or safetensors' own error type for a failed write
+        raise StatisticsError(
+            f"output_qp: cannot write the statistics of {model_dir!r} to the cache file {path}: {error} "
+            "(free space there, or set cache_dir / MERGEKIT_QP_CACHE to another folder)"
+        ) from error
+
+
+def compute_statistics(model_dir: str, base_dir: str, source: CalibrationSource, settings: CalibrationSettings,
+                       device: torch.device, trust_remote_code: bool = False,
+                       description: Optional[Dict[str, str]] = None) -> ModelStatistics:
+    """One forward pass of the expert over its calibration data, with the hook collector."""
+    from tqdm.auto import tqdm
+
+    tokenizer = load_tokenizer(base_dir, trust_remote_code)
+    records = load_records(source)
+    if tokenizer is None and isinstance(records[0], str):
+        raise CalibrationError(
+            f"output_qp: the base model {base_dir!r} has no tokenizer to tokenise the text of calibration "
+            f"data '{source.path}': add the tokenizer files to the base model or give pre-tokenised input_ids"
+        )
+    sequences = tokenize_calibration(records, tokenizer, samples=settings.samples, seq_len=settings.seq_len,
+                                     seed=settings.seed, source_name=source.path)
+    total = sum(len(s) for s in sequences)
+    if len(sequences) < settings.samples:
+        LOG.warning("output_qp: calibration data '%s' gives %d sequences (%d tokens) for %s, fewer than "
+                    "calibration_samples: %d; statistics use what there is", source.path, len(sequences), total,
+                    model_dir, settings.samples)
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    model = load_model(model_dir, device, trust_remote_code)
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"output_qp: model {model_dir!r} has NaN or Inf in tensor {name}")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    longest = max(len(s) for s in sequences)
+    if positions is not None and longest > positions:
+        raise ValueError(
+            f"output_qp: calibration_seq_len gives sequences of {longest} tokens but {model_dir!r} "
+            f"takes at most {positions} positions: set calibration_seq_len ≤ {positions}"
+        )
+    vocab = model.get_input_embeddings().num_embeddings if model.get_input_embeddings() is not None else None
+    if vocab is not None and max(int(s.max()) for s in sequences) >= vocab:
+        raise ValueError(
+            f"output_qp: calibration {source.path!r} has token ids ≥ {vocab}, the vocabulary size of {model_dir!r}"
+        )
+    collector = StatisticsCollector(model)
+    try:
+        with tqdm(total=total, unit="tok", desc=f"output_qp statistics {os.path.basename(model_dir.rstrip('/'))}") as bar:
+            for input_ids, mask in batches(sequences, max_tokens=settings.max_batch_tokens, pad_id=pad_id):
+                collector.observe(input_ids.to(device), mask.to(device))
+                bar.update(int(mask.sum()))
+        tensors = collector.tensors()
+    except StatisticsError as error:
+        raise StatisticsError(f"output_qp: model {model_dir!r} on calibration data '{source.path}': {error}") from None
+    finally:
+        collector.close()
+    if collector.skipped:
+        LOG.info("output_qp: no statistics for %s", ", ".join(sorted(collector.skipped)))
+    metadata = statistics_metadata(
+        aliases=collector.aliases, transposed=collector.transposed, tokens=collector.token_count(),
+        base_model_prefix=getattr(model, "base_model_prefix", "") or "",
+        description={"model": model_dir, "calibration": source.path, **(description or {}),
+                     **{k: str(v) for k, v in asdict(settings).items()}})
+    del model
+    return ModelStatistics(tensors, metadata)
+
+
+STATISTICS = StatisticsCache()  # the process's cache, handed to each merge's state
+
+
+def expert_statistics(model, base_model, calibration: Optional[str], settings: CalibrationSettings,
+                      device: torch.device, trust_remote_code: bool = False) -> ModelStatistics:
+    """`StatisticsCache.expert_statistics` of the process's cache."""
+    return STATISTICS.expert_statistics(model, base_model, calibration, settings, device, trust_remote_code)

@@ -1,0 +1,146 @@
+"""The hook collector: one forward pass of a whole model over calibration batches, with hooks
+on every linear map (GPT-2's Conv1D included), norm and embedding, summed by the one
+accumulator of core/statistics.py (no mergekit, no transformers).
+
+Padding never enters: every hook keeps only the positions where the attention mask is true.
+Projections that read the same tensor (q/k/v, gate/up) share one Gram, stored once.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..core.statistics import Accumulator, is_conv1d, is_linear, is_norm, normalised_input
+from .store import EMBEDDING, LINEAR, NORM, StatisticsError
+
+
+class StatisticsCollector:
+    """Attach hooks to a model, run calibration batches through it, return the statistics."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._mask: Optional[torch.Tensor] = None
+        self._keep: Optional[torch.Tensor] = None  # flat indices of real tokens, None if no padding
+        self._linear: Dict[str, Accumulator] = {}
+        self._norm: Dict[str, Accumulator] = {}
+        self.transposed: List[str] = []  # GPT-2 Conv1D modules (weight stored in × out)
+        self._norm_has_bias: Dict[str, bool] = {}
+        self._embedding_counts: Dict[str, torch.Tensor] = {}
+        self._embedding_tokens: Dict[str, int] = {}
+        # Projections reading the tensor that the previous projection read share its Gram.
+        self.aliases: Dict[str, str] = {}
+        self._last_input: Optional[torch.Tensor] = None
+        self._last_key: Optional[str] = None
+        self._skipped: Dict[str, str] = {}
+        self._handles = []
+        for name, module in model.named_modules():
+            if is_linear(module):
+                if is_conv1d(module):
+                    self.transposed.append(name)
+                self._handles.append(module.register_forward_pre_hook(self._linear_hook(name)))
+            elif is_norm(module):
+                self._norm_has_bias[name] = getattr(module, "bias", None) is not None
+                self._handles.append(module.register_forward_pre_hook(self._norm_hook(name)))
+            elif isinstance(module, nn.Embedding):
+                self._handles.append(
+                    module.register_forward_pre_hook(self._embedding_hook(name, module.num_embeddings))
+                )
+
+    def _rows(self, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The (tokens × features) rows of a hooked input at unmasked positions, or None."""
+        mask = self._mask
+        if x.ndim >= 3 and x.shape[:2] == mask.shape:
+            rows = x.reshape(-1, x.shape[-1]) if x.ndim == 3 else x.reshape(mask.numel(), -1, x.shape[-1])
+            if self._keep is not None:  # padded batch: keep the real tokens only
+                rows = rows.index_select(0, self._keep)
+            return rows.reshape(-1, x.shape[-1])
+        # A module that sees tokens in another layout (e.g. routed MoE experts) cannot be
+        # told apart from padding: leave it without statistics, so it falls back visibly.
+        self._skipped[name] = f"input shape {tuple(x.shape)} does not match the token mask"
+        return None
+
+    def _linear_hook(self, name: str):
+        def hook(module, args):
+            x = args[0]
+            if self._last_input is x:
+                self.aliases.setdefault(name, self._last_key)
+                return
+            rows = self._rows(name, x)
+            if rows is None:
+                return
+            self._linear.setdefault(name, Accumulator("full")).add(rows)
+            self._last_input, self._last_key = x, name
+
+        return hook
+
+    def _norm_hook(self, name: str):
+        def hook(module, args):
+            rows = self._rows(name, args[0])
+            if rows is not None:
+                self._norm.setdefault(name, Accumulator("diagonal")).add(normalised_input(module, rows))
+
+        return hook
+
+    def _embedding_hook(self, name: str, num_embeddings: int):
+        def hook(module, args):
+            ids = args[0]
+            try:
+                ids = ids.expand(self._mask.shape)[self._mask]
+            except RuntimeError:
+                self._skipped[name] = f"ids of shape {tuple(ids.shape)} do not match the token mask"
+                return
+            counts = torch.bincount(ids.reshape(-1), minlength=num_embeddings).double()
+            if name in self._embedding_counts:
+                self._embedding_counts[name] += counts.to(self._embedding_counts[name].device)
+            else:
+                self._embedding_counts[name] = counts
+            self._embedding_tokens[name] = self._embedding_tokens.get(name, 0) + ids.numel()
+
+        return hook
+
+    @torch.no_grad()
+    def observe(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Run one right-padded batch; only positions where attention_mask is true count."""
+        self._mask = attention_mask.bool()
+        flat = self._mask.reshape(-1)
+        self._keep = None if bool(flat.all()) else flat.nonzero().squeeze(1)
+        self._last_input = self._last_key = None
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask.long())
+        finally:
+            self._last_input = self._last_key = None
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @property
+    def skipped(self) -> Dict[str, str]:
+        return dict(self._skipped)
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        """Float32 means keyed ``<kind>/<module>/<statistic>``."""
+        out: Dict[str, torch.Tensor] = {}
+        for name, m in self._linear.items():
+            out[f"{LINEAR}/{name}/gram"] = m.second_moment().float().cpu()
+            out[f"{LINEAR}/{name}/mean"] = m.mean().float().cpu()
+        for name, m in self._norm.items():
+            out[f"{NORM}/{name}/m2"] = m.second_moment().float().cpu()
+            out[f"{NORM}/{name}/m1"] = m.mean().float().cpu()
+        for name, counts in self._embedding_counts.items():
+            out[f"{EMBEDDING}/{name}/freq"] = (counts / max(self._embedding_tokens[name], 1)).float().cpu()
+        for key, value in out.items():
+            if not torch.isfinite(value).all():
+                raise StatisticsError(
+                    f"non-finite calibration statistics for {key.split('/')[1]} "
+                    "(the model's activations overflow or contain NaN)"
+                )
+        return out
+
+    def token_count(self) -> int:
+        counts = [m.count for m in self._linear.values()] + list(self._embedding_tokens.values())
+        return max(counts, default=0)

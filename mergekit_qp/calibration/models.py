@@ -1,0 +1,62 @@
+"""Loading what calibration runs: a model folder from a mergekit reference, the base model's
+tokenizer, and a checkpoint as its own transformers class (no mergekit import)."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+
+from .store import bytes_fingerprint
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json",
+                   "special_tokens_map.json")
+
+
+def local_model_path(model) -> str:
+    """A mergekit ModelReference (or a path) as a local folder, or a clear error."""
+    if isinstance(model, str):
+        return model
+    if getattr(model, "lora", None) is not None:
+        raise ValueError(
+            f"output_qp: {model} is a LoRA reference; merge the adapter into a checkpoint first "
+            "so that calibration runs the model that is merged"
+        )
+    path = model.model.path
+    if os.path.isdir(path):
+        return path
+    try:
+        return model.local_path()
+    except Exception as error:
+        raise ValueError(f"output_qp: model {path!r} is not a local folder and could not be fetched: {error}") from None
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
+    """The base model's tokenizer, or None when the folder has none."""
+    from transformers import AutoTokenizer
+
+    if not any(os.path.exists(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
+        return None
+    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
+
+
+def tokenizer_fingerprint(model_dir: str) -> str:
+    files = [os.path.join(model_dir, f) for f in TOKENIZER_FILES if os.path.exists(os.path.join(model_dir, f))]
+    return bytes_fingerprint(files) if files else "none"
+
+
+def load_model(model_dir: str, device: torch.device, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The checkpoint as its own transformers class (so module names match tensor names)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True,
+                                                     trust_remote_code=trust_remote_code)
+    model_class = next(
+        (getattr(transformers, a) for a in (config.architectures or []) if hasattr(transformers, a)),
+        transformers.AutoModel,
+    )
+    model = model_class.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
+    return model.to(device=device, dtype=torch.float32).eval()

@@ -1,0 +1,161 @@
+"""The statistics file: one model's calibration statistics as a safetensors file of float32
+means (keys ``<kind>/<module>/<statistic>``), written atomically, and the fingerprints that
+key the cache (no mergekit, no transformers)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Dict, Iterable, List, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..core.statistics import EmbeddingStats, LinearStats, NormStats
+
+FORMAT = "mergekit_qp.statistics"
+FORMAT_VERSION = "1"
+
+LINEAR, NORM, EMBEDDING = "linear", "norm", "embedding"
+
+
+class StatisticsError(RuntimeError):
+    """A statistics file that cannot be used (foreign, truncated, or from other settings)."""
+
+
+class ModelStatistics:
+    """Read access to one model's statistics, keyed by checkpoint tensor name: from a file
+    (`ModelStatistics.open`) or straight from a collector's tensors (`ModelStatistics(...)`,
+    so a pass that just computed them does not read them back from disk)."""
+
+    def __init__(self, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str], path: Optional[str] = None):
+        self.path = path
+        self.metadata = metadata
+        self.aliases: Dict[str, str] = json.loads(metadata["aliases"])
+        self.transposed = set(json.loads(metadata.get("transposed", "[]")))
+        self.prefix: str = metadata.get("base_model_prefix", "")
+        self.tokens = int(metadata["tokens"])
+        self._tensors = tensors
+        self._keys = set(tensors.keys())
+
+    @staticmethod
+    def open(path: str) -> "ModelStatistics":
+        try:
+            file = safe_open(path, framework="pt")
+            meta = file.metadata() or {}
+        except Exception as error:  # safetensors raises several types for a broken file
+            raise StatisticsError(f"cannot read statistics file {path}: {error}") from error
+        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+            raise StatisticsError(f"{path} is not a mergekit-qp statistics file of version {FORMAT_VERSION}")
+        return ModelStatistics(_LazyFile(file), meta, path)
+
+    def _module(self, kind: str, module: str) -> Optional[str]:
+        """The stored module name for a checkpoint module name (prefix-insensitive)."""
+        candidates = [module]
+        if self.prefix:
+            if module.startswith(self.prefix + "."):
+                candidates.append(module[len(self.prefix) + 1 :])
+            else:
+                candidates.append(f"{self.prefix}.{module}")
+        for candidate in candidates:
+            candidate = self.aliases.get(candidate, candidate) if kind == LINEAR else candidate
+            probe = {LINEAR: "gram", NORM: "m2", EMBEDDING: "freq"}[kind]
+            if f"{kind}/{candidate}/{probe}" in self._keys:
+                return candidate
+        return None
+
+    def linear_modules(self) -> List[str]:
+        """Every linear module with statistics, shared-input projections included."""
+        stored = {k.split("/")[1] for k in self._keys if k.startswith(LINEAR + "/")}
+        return sorted(stored | set(self.aliases))
+
+    def _get(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+    def lookup(self, module: str):
+        """Statistics for a module name, as LinearStats / NormStats / EmbeddingStats, or None."""
+        if (name := self._module(LINEAR, module)) is not None:
+            return LinearStats(self._get(f"{LINEAR}/{name}/gram"), self._get(f"{LINEAR}/{name}/mean"),
+                               transposed=name in self.transposed)
+        if (name := self._module(NORM, module)) is not None:
+            return NormStats(self._get(f"{NORM}/{name}/m2"), self._get(f"{NORM}/{name}/m1"))
+        if (name := self._module(EMBEDDING, module)) is not None:
+            return EmbeddingStats(self._get(f"{EMBEDDING}/{name}/freq"))
+        return None
+
+
+def statistics_metadata(*, aliases: Dict[str, str], transposed: Iterable[str], tokens: int, base_model_prefix: str,
+                        description: Dict[str, str]) -> Dict[str, str]:
+    """The metadata of a statistics file (all strings, as safetensors stores them)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "aliases": json.dumps(aliases, sort_keys=True),
+        "transposed": json.dumps(sorted(transposed)),
+        "tokens": str(tokens),
+        "base_model_prefix": base_model_prefix,
+        **{k: str(v) for k, v in description.items()},
+    }
+
+
+def save_statistics(path: str, statistics: ModelStatistics) -> None:
+    """Write atomically: a reader never sees a half-written file under the final name."""
+    tensors = {k: statistics._get(k) for k in statistics._keys}
+    meta = statistics.metadata
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def fingerprint(parts: Dict[str, str]) -> str:
+    """A short stable hash of a settings dictionary (the cache key)."""
+    blob = json.dumps(parts, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def files_fingerprint(directory: str, patterns: Iterable[str] = ()) -> str:
+    """Cheap identity of a model folder: names, sizes and modification times of its files.
+
+    Hashing the bytes of multi-GB weights would cost more than the merge; a changed file
+    changes its size or mtime, which is what a stale cache entry needs to notice.
+    """
+    h = hashlib.sha256()
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        if entry.is_file() and (not patterns or any(entry.name.endswith(p) for p in patterns)):
+            st = entry.stat()
+            h.update(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def bytes_fingerprint(paths: Iterable[str]) -> str:
+    """Content hash of small files (tokenizer files)."""
+    h = hashlib.sha256()
+    for path in sorted(paths):
+        h.update(os.path.basename(path).encode() + b"\0")
+        with open(path, "rb") as fp:
+            h.update(fp.read())
+    return h.hexdigest()[:32]
+
+
+class _LazyFile:
+    """A safetensors file as a read-only mapping, loading each tensor when asked for."""
+
+    def __init__(self, file):
+        self._file = file
+
+    def keys(self):
+        return self._file.keys()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._file.get_tensor(key)

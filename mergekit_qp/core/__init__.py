@@ -1,0 +1,1 @@
+"""Pure maths, torch only: solvers, the objective and ρ, per-tensor problems, statistics, SVC, spectrum."""

@@ -1,0 +1,85 @@
+"""The residual-energy diagnostic ρ (see docs/method.md, "Diagnostic") and its one aggregation.
+
+For an update Δ of one linear map, per task k: J_k = tr((Δ − Δk) Gk (Δ − Δk)ᵀ), the error of the
+merged outputs against expert k's on its calibration inputs, and E_k = tr(Δk Gk Δkᵀ), the expert's
+own output change. ρ = 1 − ΣωJ / ΣωE over any set of tensors and tasks: the share of the experts'
+output change that a merge keeps. Pure torch.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional
+
+from .qp import _f64, _seq, _tensor, _validate
+
+__all__ = ["Objective", "aggregate_rho", "energy_captured", "layer_of", "objective"]
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """J_k = tr((Δ − Δk) Gk (Δ − Δk)ᵀ) and E_k = tr(Δk Gk Δkᵀ) per task (unweighted),
+    total = Σ ωk J_k, energy = Σ ωk E_k. ρ = 1 − total/energy is the share of the experts'
+    output change the merge keeps: 0 for the base (Δ = 0), 1 for a perfect fit. Where the
+    energy is 0, ρ is 1.0 if the residual is 0 too and 0.0 otherwise (never ±inf or NaN)."""
+
+    per_task: tuple
+    energy_per_task: tuple
+    total: float
+    energy: float
+
+    @property
+    def rho(self) -> float:
+        return energy_captured(self.total, self.energy)
+
+    @property
+    def rho_per_task(self) -> tuple:
+        return tuple(energy_captured(j, e) for j, e in zip(self.per_task, self.energy_per_task))
+
+
+def energy_captured(objective_value: float, energy: float) -> float:
+    """ρ = 1 − J/E; where E = 0: 1.0 if J = 0 too, else 0.0 (never ±inf or NaN)."""
+    if energy > 0:
+        return 1.0 - objective_value / energy
+    return 1.0 if objective_value == 0 else 0.0
+
+
+def objective(update, task_vectors, grams, weights) -> Objective:
+    """Evaluate the residual-energy diagnostic of an update (J_k clamped at ≥ 0 against
+    rounding; the Grams are assumed PSD)."""
+    vs, w, wsum, dev, shape = _validate(task_vectors, weights)
+    gs = _seq("grams", grams, len(vs), (shape[1], shape[1]))
+    u = _f64(_tensor("update", update, shape), dev)
+    per, energy = [], []
+    for v, g in zip(vs, gs):
+        vk, gk = _f64(v, dev), _f64(g, dev)
+        r = u - vk
+        per.append(max(0.0, float(((r @ gk) * r).sum())))
+        energy.append(max(0.0, float(((vk @ gk) * vk).sum())))
+    raw = [wk * wsum for wk in w]
+    return Objective(tuple(per), tuple(energy), sum(a * j for a, j in zip(raw, per)),
+                     sum(a * e for a, e in zip(raw, energy)))
+
+
+def aggregate_rho(terms: Iterable[Mapping[str, Mapping[str, float]]], task: Optional[str] = None) -> float:
+    """ρ of many tensors together: 1 − ΣωJ / ΣωE (energy-weighted), over all tasks or one.
+
+    Each term holds `objective_by_task` and `energy_by_task`, ω-weighted and keyed by task name,
+    so tensors merged from different experts (a `slices:` config) aggregate by name. The one
+    aggregation of the package: the merge report, diagnose and the spectrum all use it."""
+    objective_sum = energy_sum = 0.0
+    for term in terms:
+        for name, value in term["objective_by_task"].items():
+            if task is None or name == task:
+                objective_sum += value
+                energy_sum += term["energy_by_task"][name]
+    return energy_captured(objective_sum, energy_sum)
+
+
+def layer_of(name: str) -> str:
+    """The layer index of a tensor name as a string ("3" for model.layers.3.mlp…), else "other"."""
+    match = _LAYER.search(name)
+    return match.group(1) if match else "other"

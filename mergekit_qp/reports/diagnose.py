@@ -1,0 +1,97 @@
+"""Residual energy captured by a merge (docs/method.md): ρ = 1 − J(Δ)/E, for any merged model.
+
+Works for `output_qp` and for built-in methods alike: it needs only the base, the experts,
+their calibration statistics and the merged checkpoint, so every method is measured on one
+scale. Linear maps only (weight and bias jointly, in homogeneous coordinates).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+from ..calibration.checkpoint import Checkpoint
+from ..calibration.store import ModelStatistics
+from ..core.objective import aggregate_rho, objective
+from ..core.problems import augmented_gram
+from ..core.spectrum import TensorSpectrum, tensor_spectrum
+from .merge_report import tensor_record
+
+
+@dataclass
+class Diagnostic:
+    """ρ of a merged checkpoint: one record per linear map (reports.merge_report.tensor_record)."""
+
+    weights: List[float]
+    tasks: List[str]
+    tensors: List[Dict] = field(default_factory=list)
+
+    @property
+    def rho(self) -> float:
+        return aggregate_rho(self.tensors)
+
+    @property
+    def rho_by_task(self) -> List[float]:
+        return [aggregate_rho(self.tensors, t) for t in self.tasks]
+
+
+@dataclass
+class LinearProblem:
+    """One linear map's side of the objective: the experts' updates and input Grams, with the
+    bias as a last column (and the Gram of [x, 1]) where the map has one."""
+
+    module: str
+    deltas: List[torch.Tensor]
+    grams: List[torch.Tensor]
+    has_bias: bool
+
+
+def linear_problems(base: Checkpoint, experts: Sequence[Checkpoint],
+                    statistics: Sequence[ModelStatistics]) -> Iterator[LinearProblem]:
+    """Every linear map with calibration statistics and a weight of its own in the base (float64)."""
+    for module in statistics[0].linear_modules():
+        w0 = base.get(f"{module}.weight")
+        if w0 is None or w0.ndim != 2:
+            continue  # e.g. a tied lm_head: not a tensor of its own
+        found = [s.lookup(module) for s in statistics]
+        deltas = [e.get(f"{module}.weight", required=True).double() - w0.double() for e in experts]
+        grams = [f.gram.double() for f in found]
+        b0 = base.get(f"{module}.bias")
+        if b0 is not None:
+            deltas = [torch.cat([d, (e.get(f"{module}.bias", required=True).double() - b0.double())[:, None]], 1)
+                      for d, e in zip(deltas, experts)]
+            grams = [augmented_gram(g, f.mean.double()) for g, f in zip(grams, found)]
+        yield LinearProblem(module, deltas, grams, b0 is not None)
+
+
+def linear_diagnostic(base_dir: str, expert_dirs: Sequence[str], statistics: Sequence[ModelStatistics],
+                      merged_dir: str, weights: Sequence[float], tasks: Optional[Sequence[str]] = None) -> Diagnostic:
+    """ρ of the merged checkpoint, per linear map and overall, on the experts' calibration data
+    (tasks: the experts' names, default their folders)."""
+    base, merged = Checkpoint(base_dir), Checkpoint(merged_dir)
+    experts = [Checkpoint(d) for d in expert_dirs]
+    tasks = list(tasks) if tasks is not None else [str(d) for d in expert_dirs]
+    result = Diagnostic(weights=list(weights), tasks=tasks)
+    for problem in linear_problems(base, experts, statistics):
+        module = problem.module
+        wm = merged.get(f"{module}.weight")
+        if wm is None:
+            continue
+        update = wm.double() - base.get(f"{module}.weight").double()
+        if problem.has_bias:
+            update = torch.cat([update, (merged.get(f"{module}.bias", required=True).double()
+                                         - base.get(f"{module}.bias").double())[:, None]], 1)
+        obj = objective(update, problem.deltas, problem.grams, list(weights))
+        result.tensors.append(tensor_record(f"{module}.weight", obj, list(weights), tasks))
+    return result
+
+
+def linear_spectra(base_dir: str, expert_dirs: Sequence[str], statistics: Sequence[ModelStatistics],
+                   weights: Sequence[float], ridge: float) -> List[TensorSpectrum]:
+    """ρ against rank of every linear map (spectrum.tensor_spectrum), on the experts' calibration data."""
+    base = Checkpoint(base_dir)
+    experts = [Checkpoint(d) for d in expert_dirs]
+    return [tensor_spectrum(f"{p.module}.weight", p.deltas, p.grams, list(weights), ridge)
+            for p in linear_problems(base, experts, statistics)]

@@ -1,0 +1,128 @@
+"""One tensor's problem (core/problems.py) and its pieces against independent computations
+from explicit activations: unequal task weights, a bias in homogeneous coordinates, GPT-2's
+transposed Conv1D layout, the expert-output correction and its damping, and the SVC rule on a
+case solved by hand."""
+
+import pytest
+import torch
+
+from mergekit_qp.core import problems, qp, svc
+from mergekit_qp.core.problems import Basis, SolveSettings
+from mergekit_qp.core.statistics import Accumulator, LinearStats
+
+F64 = torch.float64
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def stats_of(x, transposed=False):
+    acc = Accumulator("full", product_dtype=F64)
+    acc.add(x)
+    return LinearStats(gram=acc.second_moment(), mean=acc.mean(), transposed=transposed)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_weighted_joint_weight_and_bias_against_least_squares(transposed):
+    """min Σk ωk/nk ‖[Xk, 1] (P − Pk)‖² with ωk = 0.3, 1.7 and no ridge, by lstsq on stacked
+    rows; weight and bias come back in the stored layout (Conv1D: in × out)."""
+    out_f, in_f = 5, 4
+    w0, b0 = torch.randn(out_f, in_f, generator=gen(0), dtype=F64), torch.randn(out_f, generator=gen(1), dtype=F64)
+    experts = [(w0 + 0.3 * torch.randn(out_f, in_f, generator=gen(2 + k), dtype=F64),
+                b0 + 0.3 * torch.randn(out_f, generator=gen(5 + k), dtype=F64)) for k in range(2)]
+    xs = [torch.randn(n, in_f, generator=gen(9 + k), dtype=F64) + k for k, n in enumerate((40, 70))]
+    weights = [0.3, 1.7]
+    stored = (lambda w: w.T.contiguous()) if transposed else (lambda w: w)
+    solution = problems.solve_linear(stored(w0), [stored(w) for w, _ in experts], [stats_of(x, transposed) for x in xs],
+                                     weights, SolveSettings(ridge=0.0), base_bias=b0,
+                                     expert_biases=[b for _, b in experts])
+    rows, targets = [], []
+    for (wk, bk), x, om in zip(experts, xs, weights):
+        x1 = torch.cat([x, torch.ones(len(x), 1, dtype=F64)], 1) * (om / len(x)) ** 0.5
+        rows.append(x1)
+        targets.append(x1 @ torch.cat([wk, bk[:, None]], 1).T)
+    p = torch.linalg.lstsq(torch.cat(rows), torch.cat(targets)).solution.T  # [W, b]
+    got_w = solution.weight.T if transposed else solution.weight
+    torch.testing.assert_close(got_w, p[:, :in_f], rtol=1e-6, atol=1e-7)  # solvers return float32
+    torch.testing.assert_close(solution.bias, p[:, in_f], rtol=1e-6, atol=1e-7)
+    # The objective the report uses, from the activations: ω-weighted per task, without ridge.
+    for k, ((wk, bk), x) in enumerate(zip(experts, xs)):
+        x1 = torch.cat([x, torch.ones(len(x), 1, dtype=F64)], 1)
+        residual = x1 @ (p - torch.cat([wk, bk[:, None]], 1)).T
+        energy = x1 @ (torch.cat([wk - w0, (bk - b0)[:, None]], 1)).T
+        assert solution.objective.per_task[k] == pytest.approx(float((residual ** 2).sum()) / len(x), rel=1e-5)
+        assert solution.objective.energy_per_task[k] == pytest.approx(float((energy ** 2).sum()) / len(x), rel=1e-9)
+    total = sum(om * j for om, j in zip(weights, solution.objective.per_task))
+    assert solution.objective.total == pytest.approx(total, rel=1e-12)
+
+
+def test_unequal_weights_move_the_merge_towards_the_heavier_expert():
+    w0 = torch.zeros(3, 3, dtype=F64)
+    a, b = torch.eye(3, dtype=F64), -torch.eye(3, dtype=F64)
+    x = torch.randn(50, 3, generator=gen(3), dtype=F64)
+    s = stats_of(x)
+    solve = lambda weights: problems.solve_linear(w0, [a, b], [s, s], weights, SolveSettings(ridge=0.0)).weight
+    # equal Grams: the ω-weighted average of the task vectors, (ωa − ωb) / (ωa + ωb) · I
+    torch.testing.assert_close(solve([3.0, 1.0]), 0.5 * torch.eye(3, dtype=F64))
+    torch.testing.assert_close(solve([1.0, 1.0]), torch.zeros(3, 3, dtype=F64))
+
+
+@pytest.mark.parametrize("eps", [1e-12, 1e-4, 1e-3])
+def test_drift_corrected_task_vector_is_a_refit_to_the_experts_outputs(eps):
+    """W0 + Δ'k = argmin_W ‖X̂ Wᵀ − Xk Wkᵀ‖²/n + ε s ‖W − Wk‖², s = tr(X̂ᵀX̂/n)/d, by lstsq on
+    the activations: the expert refit to its own outputs from the merged model's inputs."""
+    n, d, m = 60, 4, 3
+    x_merged = torch.randn(n, d, generator=gen(1), dtype=F64)
+    x_expert = x_merged + 0.3 * torch.randn(n, d, generator=gen(2), dtype=F64)  # drifted inputs
+    w0 = torch.randn(m, d, generator=gen(3), dtype=F64)
+    wk = w0 + 0.5 * torch.randn(m, d, generator=gen(4), dtype=F64)
+    gram = x_merged.T @ x_merged / n
+    cross = x_expert.T @ x_merged / n
+    corrected = qp.drift_corrected_task_vector(wk - w0, wk, cross, gram, eps=eps)
+    lam = eps * float(gram.trace()) / d
+    a = torch.cat([x_merged / n ** 0.5, lam ** 0.5 * torch.eye(d, dtype=F64)])
+    b = torch.cat([x_expert @ wk.T / n ** 0.5, lam ** 0.5 * wk.T])
+    refit = torch.linalg.lstsq(a, b).solution.T
+    torch.testing.assert_close(w0 + corrected, refit, rtol=1e-8, atol=1e-9)
+    if eps == 1e-4:  # a 10× other damping is a visibly different refit
+        other = qp.drift_corrected_task_vector(wk - w0, wk, cross, gram, eps=1e-3)
+        assert float((other - corrected).abs().max()) > 1e3 * 1e-9
+
+
+def test_svc_rule_on_a_case_solved_by_hand():
+    """Two experts share u1 v1ᵀ; expert 1 alone owns 3 u2 v2ᵀ. Their sum 2 u1v1ᵀ + 3 u2v2ᵀ
+    counts the shared direction twice: s = (2, 2), η = max(1/2, 2) = 2, so σ1 = 2 → 1; the
+    owned direction has s = (1, absent): not shared by all, η = 1, σ2 = 3 stays."""
+    q_out = torch.linalg.qr(torch.randn(6, 2, generator=gen(5), dtype=F64))[0]
+    q_in = torch.linalg.qr(torch.randn(5, 2, generator=gen(6), dtype=F64))[0]
+    shared = torch.outer(q_out[:, 0], q_in[:, 0])
+    owned = torch.outer(q_out[:, 1], q_in[:, 1])
+    experts = [shared + 3 * owned, shared]
+    result = svc.calibrate(experts[0] + experts[1], experts)
+    torch.testing.assert_close(result.update, shared + 3 * owned, rtol=1e-10, atol=1e-10)
+    three = [shared, shared, 3 * owned]  # shared by two of three: not by all, left alone
+    result = svc.calibrate(sum(three), three, alpha=1 / 3)
+    torch.testing.assert_close(result.update, 2 * shared + 3 * owned, rtol=1e-10, atol=1e-10)
+
+
+def test_fallbacks_by_formula():
+    base = torch.zeros(2, 2, dtype=F64)
+    experts = [torch.ones(2, 2, dtype=F64), 3 * torch.ones(2, 2, dtype=F64)]
+    assert torch.equal(problems.fallback_update(base, experts, [1.0, 3.0], "base"), base)
+    torch.testing.assert_close(problems.fallback_update(base, experts, [1.0, 3.0], "linear"),
+                               2.5 * torch.ones(2, 2, dtype=F64))
+    torch.testing.assert_close(problems.fallback_update(base, experts, [1.0, 3.0], "task_arithmetic"),
+                               10 * torch.ones(2, 2, dtype=F64))
+    with pytest.raises(ValueError, match="invalid fallback 'ties'"):
+        problems.fallback_update(base, experts, [1.0, 1.0], "ties")
+
+
+def test_bases_parse_and_mismatched_statistics_are_refused():
+    assert Basis.parse("Rank-16") == Basis("rank", 16)
+    with pytest.raises(ValueError, match="invalid basis 'rank-0'"):
+        Basis.parse("rank-0")
+    w0 = torch.zeros(3, 4, dtype=F64)
+    wrong = stats_of(torch.randn(10, 5, generator=gen(0), dtype=F64))
+    with pytest.raises(problems.ProblemMismatch, match="statistics of width 5 for a weight of width 4"):
+        problems.solve_linear(w0, [w0 + 1], [wrong], [1.0], SolveSettings())
