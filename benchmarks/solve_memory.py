@@ -3,7 +3,8 @@ the input width of Llama-2/Mistral-7B's MLP) of K experts, full basis, with the 
 
 Each variant runs in its own process (peak RSS of that process, minus what its inputs hold):
 - `current`: this checkout's `core.problems.solve_linear` (float32 statistics converted to
-  float64 one task at a time, symmetrised in place, factorised in place) and its objective;
+  float64 one task at a time, symmetrised in place, factorised in place) with the objective
+  taken from the solve's own products (ρ's time: what runs after the factorised solve);
 - `before`: the solve as commit 1ba17d5 ran it (`--before-tree DIR` with that commit's
   `mergekit_qp`), every Gram converted to float64 first.
 The inputs are synthetic (a rank-64 + identity Gram per task): memory and time do not depend on
@@ -48,14 +49,16 @@ if sys.argv[1] == "current":
     from mergekit_qp.core.problems import solve_linear, SolveSettings
     from mergekit_qp.core.statistics import LinearStats
     from mergekit_qp.core import objective as objective_module
+    # ρ's own cost: what runs after the factorised solve returns (the objective's terms from
+    # the solve's products, K − 1 quadratic forms of their own).
     times = {}
-    original = objective_module.objective
+    original = objective_module._solve_dev
     def timed(*a, **kw):
-        t = time.perf_counter(); out = original(*a, **kw); times["rho"] = time.perf_counter() - t; return out
-    import mergekit_qp.core.problems as problems
-    problems.objective = timed
+        out = original(*a, **kw); times["solved_at"] = time.perf_counter(); return out
+    objective_module._solve_dev = timed
     stats = [LinearStats(gram=gk, mean=torch.zeros(d)) for gk in grams]
     solution = solve_linear(w0, experts, stats, [1.0] * K, SolveSettings(ridge=1e-4))
+    times["rho"] = time.perf_counter() - times["solved_at"]
     result = solution.weight
 else:  # the solve of commit 1ba17d5 (plugin.OutputQPMerge._linear without the bias), its own qp module
     from mergekit_qp import qp
@@ -92,10 +95,15 @@ def main() -> None:
     parser.add_argument("--shape", default="4096x14336", help="out × in of the map (default: 7B down_proj)")
     parser.add_argument("--experts", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--keep-before", action="store_true",
+                        help="re-measure `current` only; keep the `before` row of the existing results")
     args = parser.parse_args()
     m, d = (int(x) for x in args.shape.split("x"))
     variants = [("current", ROOT)] + ([("before", args.before_tree)] if args.before_tree else [])
     rows = {}
+    if args.keep_before:
+        rows["before"] = json.loads((args.out / "solve_memory.json").read_text())["variants"]["before"]
+        variants = [("current", ROOT)]
     for name, tree in variants:
         rows[name] = run(name, tree, args.threads, m, d, args.experts)
         r = rows[name]
@@ -119,6 +127,7 @@ def main() -> None:
     for name, r in rows.items():
         lines.append(f"| {name} | {(r['peak_bytes'] - r['inputs_bytes']) / 1e9:.2f} | {r['inputs_bytes'] / 1e9:.2f} | "
                      f"{r['wall_s']:.1f} | {r['rho_s']:.1f} | {r['rho_s'] / r['wall_s']:.0%} |")
+    rows = {name: rows[name] for name in ("current", "before") if name in rows}
     if len(rows) == 2:
         same = abs(rows["current"]["checksum"] - rows["before"]["checksum"]) <= 1e-9 * abs(rows["before"]["checksum"])
         lines += ["", f"Merged weights {'agree' if same else 'DIFFER'} (checksum of |W|: "

@@ -20,6 +20,7 @@ from .. import __version__
 from .collector import StatisticsCollector
 from .data import CalibrationError, CalibrationSource, batches, calibration_fingerprint, load_records, \
     tokenize_calibration
+from .memory import check_pass_fits
 from .models import load_model, load_tokenizer, local_model_path, tokenizer_fingerprint
 from .store import FORMAT_VERSION as STATISTICS_FORMAT
 from .store import ModelStatistics, StatisticsError, files_fingerprint, fingerprint, save_statistics, \
@@ -160,6 +161,7 @@ def compute_statistics(model_dir: str, base_dir: str, source: CalibrationSource,
                     "calibration_samples: %d; statistics use what there is", source.path, len(sequences), total,
                     model_dir, settings.samples)
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    check_pass_fits(model_dir, device, settings.max_batch_tokens, settings.seq_len, trust_remote_code)
     model = load_model(model_dir, device, trust_remote_code)
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
@@ -176,7 +178,7 @@ def compute_statistics(model_dir: str, base_dir: str, source: CalibrationSource,
         raise ValueError(
             f"output_qp: calibration {source.path!r} has token ids ≥ {vocab}, the vocabulary size of {model_dir!r}"
         )
-    collector = StatisticsCollector(model)
+    collector = StatisticsCollector(model, stop_after=output_head(model))
     try:
         with tqdm(total=total, unit="tok", desc=f"output_qp statistics {os.path.basename(model_dir.rstrip('/'))}") as bar:
             for input_ids, mask in batches(sequences, max_tokens=settings.max_batch_tokens, pad_id=pad_id):
@@ -196,6 +198,14 @@ def compute_statistics(model_dir: str, base_dir: str, source: CalibrationSource,
                      **{k: str(v) for k, v in asdict(settings).items()}})
     del model
     return ModelStatistics(tensors, metadata)
+
+
+def output_head(model) -> Optional[str]:
+    """The name of the output head (lm_head), whose input is the last statistic a pass needs."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return None
+    return next((name for name, module in model.named_modules() if module is head), None)
 
 
 STATISTICS = StatisticsCache()  # the process's cache, handed to each merge's state

@@ -17,10 +17,16 @@ from ..core.statistics import Accumulator, is_conv1d, is_linear, is_norm, normal
 from .store import EMBEDDING, LINEAR, NORM, StatisticsError
 
 
+class _EndOfPass(Exception):
+    """Raised at the output head's input: nothing after it has statistics."""
+
+
 class StatisticsCollector:
     """Attach hooks to a model, run calibration batches through it, return the statistics."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, stop_after: Optional[str] = None):
+        """`stop_after`: a module whose input is the last statistic the pass needs (the output
+        head): the forward pass ends there, so logits (tokens × vocabulary) are never computed."""
         self.model = model
         self._mask: Optional[torch.Tensor] = None
         self._keep: Optional[torch.Tensor] = None  # flat indices of real tokens, None if no padding
@@ -35,6 +41,7 @@ class StatisticsCollector:
         self._last_input: Optional[torch.Tensor] = None
         self._last_key: Optional[str] = None
         self._skipped: Dict[str, str] = {}
+        self._tokens: Optional[int] = None  # set when tensors() releases the float64 sums
         self._handles = []
         for name, module in model.named_modules():
             if is_linear(module):
@@ -48,6 +55,11 @@ class StatisticsCollector:
                 self._handles.append(
                     module.register_forward_pre_hook(self._embedding_hook(name, module.num_embeddings))
                 )
+        if stop_after is not None:  # registered after its statistics hook, so that one runs first
+            self._handles.append(model.get_submodule(stop_after).register_forward_pre_hook(self._stop_hook))
+
+    def _stop_hook(self, module, args):
+        raise _EndOfPass
 
     def _rows(self, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The (tokens × features) rows of a hooked input at unmasked positions, or None."""
@@ -110,8 +122,26 @@ class StatisticsCollector:
         self._last_input = self._last_key = None
         try:
             self.model(input_ids=input_ids, attention_mask=attention_mask.long())
+        except _EndOfPass:
+            pass
         finally:
             self._last_input = self._last_key = None
+
+    def all_reduce(self, group=None) -> None:
+        """Sum every statistic over the processes of a torch.distributed group, each having
+        observed its share of the calibration batches (docs/scale.md, "Past one machine"). Every
+        process must have hooked the same modules and seen every one of them."""
+        import torch.distributed as dist
+
+        for name in sorted(self._linear):
+            self._linear[name].all_reduce(group)
+        for name in sorted(self._norm):
+            self._norm[name].all_reduce(group)
+        for name in sorted(self._embedding_counts):
+            dist.all_reduce(self._embedding_counts[name], op=dist.ReduceOp.SUM, group=group)
+            tokens = torch.tensor([float(self._embedding_tokens[name])], dtype=torch.float64)
+            dist.all_reduce(tokens, op=dist.ReduceOp.SUM, group=group)
+            self._embedding_tokens[name] = int(tokens.item())
 
     def close(self) -> None:
         for handle in self._handles:
@@ -123,11 +153,14 @@ class StatisticsCollector:
         return dict(self._skipped)
 
     def tensors(self) -> Dict[str, torch.Tensor]:
-        """Float32 means keyed ``<kind>/<module>/<statistic>``."""
+        """Float32 means keyed ``<kind>/<module>/<statistic>``. Each module's float64 sums are
+        released as its means are made, so the pass never holds both for the whole model."""
+        self._tokens = self.token_count()
         out: Dict[str, torch.Tensor] = {}
         for name, m in self._linear.items():
             out[f"{LINEAR}/{name}/gram"] = m.second_moment().float().cpu()
             out[f"{LINEAR}/{name}/mean"] = m.mean().float().cpu()
+            m.release()
         for name, m in self._norm.items():
             out[f"{NORM}/{name}/m2"] = m.second_moment().float().cpu()
             out[f"{NORM}/{name}/m1"] = m.mean().float().cpu()
@@ -142,5 +175,7 @@ class StatisticsCollector:
         return out
 
     def token_count(self) -> int:
+        if self._tokens is not None:
+            return self._tokens
         counts = [m.count for m in self._linear.values()] + list(self._embedding_tokens.values())
         return max(counts, default=0)

@@ -48,15 +48,19 @@ def tokenizer_fingerprint(model_dir: str) -> str:
     return bytes_fingerprint(files) if files else "none"
 
 
+def model_class_for(config):
+    """The checkpoint's own transformers class (so module names match tensor names)."""
+    import transformers
+
+    return next((getattr(transformers, a) for a in (config.architectures or []) if hasattr(transformers, a)),
+                transformers.AutoModel)
+
+
 def load_model(model_dir: str, device: torch.device, trust_remote_code: bool = False) -> torch.nn.Module:
-    """The checkpoint as its own transformers class (so module names match tensor names)."""
+    """The checkpoint as its own transformers class, in float32."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True,
                                                      trust_remote_code=trust_remote_code)
-    model_class = next(
-        (getattr(transformers, a) for a in (config.architectures or []) if hasattr(transformers, a)),
-        transformers.AutoModel,
-    )
-    model = model_class.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
+    model = model_class_for(config).from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
     return model.to(device=device, dtype=torch.float32).eval()

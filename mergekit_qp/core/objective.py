@@ -12,9 +12,11 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional
 
-from .qp import _f64, _seq, _tensor, _validate
+import torch
 
-__all__ = ["Objective", "aggregate_rho", "energy_captured", "layer_of", "objective"]
+from .qp import _f64, _out, _ridge, _seq, _solve_dev, _symmetric_f64, _tensor, _validate
+
+__all__ = ["Objective", "aggregate_rho", "energy_captured", "full_update_with_objective", "layer_of", "objective"]
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -62,6 +64,56 @@ def objective(update, task_vectors, grams, weights) -> Objective:
     raw = [wk * wsum for wk in w]
     return Objective(tuple(per), tuple(energy), sum(a * j for a, j in zip(raw, per)),
                      sum(a * e for a, e in zip(raw, energy)))
+
+
+def full_update_with_objective(task_vectors, grams, weights, ridge: float = 0.0):
+    """The full-basis update (qp.full_update's minimiser, float32) and its Objective, with the
+    objective's terms taken from the solve's own products instead of 2K more d-wide products.
+
+    Per task Nk = Δk Gk (P needs it anyway) gives Ek = ⟨Δk, Nk⟩; with S = Σ ωk Nk and the solve
+    X (Ĝ + λI) = R, Σ ωk tr(Δ Gk Δᵀ) = ⟨Δ, S − λX⟩ and Σ ωk ⟨Δ, Nk⟩ = ⟨Δ, S⟩. Tasks 1…K−1 take
+    Δ Gk (one product each) for tr(Δ Gk Δᵀ) and ⟨Δ Gk, Δk⟩; task K's terms follow from the
+    sums. Jk = tr(Δ Gk Δᵀ) − 2⟨Δ, Nk⟩ + Ek in float64, clamped at ≥ 0 against rounding. Holds
+    two d × d and four m × d float64 buffers at most, whatever K."""
+    vs, w, wsum, dev, (m, d) = _validate(task_vectors, weights)
+    gs, ridge = _seq("grams", grams, len(vs), (d, d)), _ridge(ridge)
+    mean = sum(wk * _f64(v, dev) for wk, v in zip(w, vs))
+    G = torch.zeros(d, d, dtype=torch.float64, device=dev)
+    S = torch.zeros(m, d, dtype=torch.float64, device=dev)
+    energy = []
+    for wk, v, g in zip(w, vs, gs):
+        gk = _symmetric_f64(g, dev)
+        vk = _f64(v, dev)
+        nk = vk @ gk
+        energy.append(max(0.0, float((vk * nk).sum())))
+        S.add_(nk, alpha=wk)
+        gk *= wk
+        G += gk
+        del gk, vk, nk
+    R = S - mean @ G  # Σ ωk (Δk − Δ̄) Gk
+    tr = float(G.trace())
+    lam = ridge * tr / d if tr > 0 else ridge
+    x = _solve_dev(G, R, lam, overwrite=True)
+    del G, R
+    update = mean + x
+    S -= lam * x  # now Δ Ĝ
+    total_quadratic = float((update * S).sum())
+    S += lam * x
+    total_cross = float((update * S).sum())
+    del S, x
+    quadratic, cross = [], []
+    for k in range(len(vs) - 1):
+        product = update @ _symmetric_f64(gs[k], dev)
+        quadratic.append(float((product * update).sum()))
+        cross.append(float((product * _f64(vs[k], dev)).sum()))
+        del product
+    quadratic.append((total_quadratic - sum(wk * q for wk, q in zip(w, quadratic))) / w[-1])
+    cross.append((total_cross - sum(wk * c for wk, c in zip(w, cross))) / w[-1])
+    per = [max(0.0, q - 2 * c + e) for q, c, e in zip(quadratic, cross, energy)]
+    raw = [wk * wsum for wk in w]
+    objective_ = Objective(tuple(per), tuple(energy), sum(a * j for a, j in zip(raw, per)),
+                           sum(a * e for a, e in zip(raw, energy)))
+    return _out(update, dev), objective_
 
 
 def aggregate_rho(terms: Iterable[Mapping[str, Mapping[str, float]]], task: Optional[str] = None) -> float:

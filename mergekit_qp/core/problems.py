@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import qp, svc
-from .objective import Objective, objective
+from .objective import Objective, full_update_with_objective, objective
 from .statistics import EmbeddingStats, LinearStats, NormStats
 
 __all__ = ["Basis", "LinearSolution", "ProblemMismatch", "SolveSettings", "augmented_gram", "fallback_update",
@@ -107,35 +107,55 @@ def solve_linear(base_weight: torch.Tensor, expert_weights: Sequence[torch.Tenso
     """The merged weight (and bias) of one linear map."""
     transposed = stats[0].transposed  # GPT-2 Conv1D: solve on the transpose, return the stored layout
     device = base_weight.device
-    w0 = base_weight.double().T if transposed else base_weight.double()
-    experts_w = [w.double().T if transposed else w.double() for w in expert_weights]
-    deltas = [w - w0 for w in experts_w]
-    weight_deltas = deltas  # the experts' own updates of W (SVC measures overlap against them)
-    grams = [s.gram.to(device, torch.float64) for s in stats]
-    d = w0.shape[1]
+    d = base_weight.shape[0] if transposed else base_weight.shape[1]
+    # Statistics stay in their stored precision here: the solver converts one task's Gram at a
+    # time to float64 (K float64 copies of a 14336-wide Gram would be 1.6 GB each).
+    grams = [s.gram.to(device) for s in stats]
     if any(g.shape != (d, d) for g in grams):
         raise ProblemMismatch(f"statistics of width {grams[0].shape[0]} for a weight of width {d}")
     with_bias = base_bias is not None
+    expert_output = stats[0].cross is not None
+
+    def as_solved(w: torch.Tensor) -> torch.Tensor:
+        return w.double().T if transposed else w.double()
+
+    w0 = as_solved(base_weight)
     if with_bias:
         w0 = torch.cat([w0, base_bias.double()[:, None]], 1)
-        experts_w = [torch.cat([w, b.double()[:, None]], 1) for w, b in zip(experts_w, expert_biases)]
-        deltas = [w - w0 for w in experts_w]
-        grams = [augmented_gram(g, s.mean.to(device, torch.float64)) for g, s in zip(grams, stats)]
+        grams = [augmented_gram(g, s.mean.to(device, g.dtype)) for g, s in zip(grams, stats)]
+    # The experts' float64 weights are kept only where the expert-output target needs them:
+    # each is a full m × d copy.
+    experts_w, deltas = [], []
+    for k, w in enumerate(expert_weights):
+        wk = as_solved(w)
+        if with_bias:
+            wk = torch.cat([wk, expert_biases[k].double()[:, None]], 1)
+        deltas.append(wk - w0)
+        if expert_output:
+            experts_w.append(wk)
+        del wk
+    weight_deltas = [dk[:, :d] for dk in deltas]  # the experts' own updates of W (SVC measures overlap)
     unreachable = None
-    if stats[0].cross is not None:
+    if expert_output:
         deltas, unreachable = expert_output_task_vectors(w0, experts_w, deltas, grams, stats, with_bias)
-    update = solve_update(deltas, grams, weights, settings)
+    solved = None
+    if settings.basis.kind == "full" and not settings.svc:
+        # The report's terms from the solve's own products (≈ one d-wide product, not 2K).
+        update, solved = full_update_with_objective(deltas, grams, weights, float(settings.ridge))
+        update = update.double()
+    else:
+        update = solve_update(deltas, grams, weights, settings)
     if settings.svc:
         update = update.clone()
         update[:, :d] = svc_in_model_precision(update[:, :d], weight_deltas, settings.svc_alpha, base_weight.dtype)
     new_w = w0[:, :d] + update[:, :d]
     new_w = (new_w.T if transposed else new_w).to(base_weight.dtype)
     new_b = None if not with_bias else (base_bias.double() + update[:, d]).to(base_bias.dtype)
-    return LinearSolution(new_w, new_b, _objective(update, deltas, grams, weights, unreachable))
+    return LinearSolution(new_w, new_b, _objective(update, deltas, grams, weights, unreachable, solved))
 
 
-def _objective(update, deltas, grams, weights, unreachable) -> Objective:
-    result = objective(update, deltas, grams, weights)
+def _objective(update, deltas, grams, weights, unreachable, solved: Optional[Objective] = None) -> Objective:
+    result = solved if solved is not None else objective(update, deltas, grams, weights)
     if unreachable is None:
         return result
     # Energy no weight of this layer can reach (drift of the inputs): counted in both J and E,
@@ -152,6 +172,7 @@ def expert_output_task_vectors(w0, experts_w, deltas, grams, stats, with_bias: b
     device = w0.device
     new_deltas, unreachable = [], []
     for wk, dk, gk, s in zip(experts_w, deltas, grams, stats):
+        gk = gk.to(device, torch.float64)
         ck = s.cross.to(device, torch.float64)
         ek = s.expert_gram.to(device, torch.float64)
         if with_bias:

@@ -107,7 +107,7 @@ def _out(t: torch.Tensor, device) -> torch.Tensor:
 
 
 # -- linear algebra ----------------------------------------------------------------------------
-def _solve_dev(A: torch.Tensor, R: torch.Tensor, lam: float) -> torch.Tensor:
+def _solve_dev(A: torch.Tensor, R: torch.Tensor, lam: float, overwrite: bool = False) -> torch.Tensor:
     """X with X (A + λI) = R (rows of R; batched over leading dims), i.e. the minimiser of
     tr(X A Xᵀ) − 2 tr(X Rᵀ) + λ‖X‖². Cholesky first; where it fails or a pivot is tiny
     relative to its diagonal entry (a scale-invariant singularity test, so badly scaled but
@@ -117,7 +117,13 @@ def _solve_dev(A: torch.Tensor, R: torch.Tensor, lam: float) -> torch.Tensor:
     if unbatched:
         A, R = A[None], R[None]
     n = A.shape[-1]
-    H = (A + A.mT) / 2 + lam * torch.eye(n, dtype=A.dtype, device=A.device)
+    if overwrite:
+        # A is symmetric (built so by _full_stats) and the caller's to spend: (A + Aᵀ)/2 is A
+        # exactly, and λI only moves the diagonal. Saves three d × d temporaries.
+        H = A
+        H.diagonal(dim1=-2, dim2=-1).add_(lam)
+    else:
+        H = (A + A.mT) / 2 + lam * torch.eye(n, dtype=A.dtype, device=A.device)
     L, info = torch.linalg.cholesky_ex(H)
     pivots = L.diagonal(dim1=-2, dim2=-1) ** 2
     ok = (info == 0) & (pivots > _pivot_tol(n) * H.diagonal(dim1=-2, dim2=-1)).all(-1)
@@ -144,18 +150,39 @@ def _sqrt_factor(H: torch.Tensor) -> torch.Tensor:
 
 
 # -- full basis --------------------------------------------------------------------------------
+def _symmetric_f64(g: torch.Tensor, device, block: int = 1024) -> torch.Tensor:
+    """(g + gᵀ)/2 in float64, built in one d × d buffer: blocks of rows at a time instead of
+    three full-size temporaries (a 7B down_proj Gram is 1.6 GB in float64). Elementwise the
+    same operations as (g + gᵀ)/2, so the same values."""
+    out = _f64(g, device)
+    if out.data_ptr() == g.data_ptr():
+        out = out.clone()  # never symmetrise the caller's tensor in place
+    d = out.shape[0]
+    for i in range(0, d, block):
+        rows = slice(i, min(i + block, d))
+        avg = (out[rows, i:] + out[i:, rows].mT) / 2
+        out[rows, i:] = avg
+        out[i:, rows] = avg.mT
+    return out
+
+
 def _full_stats(task_vectors, grams, weights, ridge):
-    """(Δ̄, Ĝ, R, λ, Σω) with normalised weights; the solution is Δ̄ + R (Ĝ + λI)⁻¹."""
+    """(Δ̄, Ĝ, R, λ, Σω) with normalised weights; the solution is Δ̄ + R (Ĝ + λI)⁻¹. One
+    task's float64 Gram at a time: peak 2 d × d float64 buffers whatever K."""
     vs, w, wsum, dev, (m, d) = _validate(task_vectors, weights)
     gs, ridge = _seq("grams", grams, len(vs), (d, d)), _ridge(ridge)
     mean = sum(wk * _f64(v, dev) for wk, v in zip(w, vs))
     G = torch.zeros(d, d, dtype=_F64, device=dev)
     R = torch.zeros(m, d, dtype=_F64, device=dev)
     for wk, v, g in zip(w, vs, gs):
-        gk = _f64(g, dev)
-        gk = (gk + gk.mT) / 2
-        G += wk * gk
-        R += wk * ((_f64(v, dev) - mean) @ gk)
+        gk = _symmetric_f64(g, dev)
+        term = (_f64(v, dev) - mean) @ gk
+        term *= wk
+        R += term
+        del term
+        gk *= wk
+        G += gk
+        del gk
     tr = float(G.trace())
     lam = ridge * tr / d if tr > 0 else ridge
     return mean, G, R, lam, wsum
@@ -164,7 +191,7 @@ def _full_stats(task_vectors, grams, weights, ridge):
 def full_update(task_vectors, grams, weights, ridge: float = 0.0) -> torch.Tensor:
     """Δ* = (P + λΔ̄)(Ĝ + λI)⁻¹, the exact minimiser of J_λ (minimum ‖Δ − Δ̄‖ if not unique)."""
     mean, G, R, lam, _ = _full_stats(task_vectors, grams, weights, ridge)
-    return _out(mean + _solve_dev(G, R, lam), mean.device)
+    return _out(mean + _solve_dev(G, R, lam, overwrite=True), mean.device)
 
 
 def _low_rank_parts(task_vectors, grams, weights, ridge):

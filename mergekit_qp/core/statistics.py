@@ -85,6 +85,23 @@ class Accumulator:
             self.second += p
         self.count += rows.shape[0]
 
+    def all_reduce(self, group=None) -> None:
+        """Sum the count and the sums over the processes of a torch.distributed group (each
+        process having added its share of the tokens): afterwards every process holds the sums
+        of all tokens, equal to one process adding them all up to the order of additions."""
+        import torch.distributed as dist
+
+        if self.sum is None:
+            raise ValueError("Accumulator.all_reduce: this process added no rows")
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.sum.device)
+        for tensor in (count, self.sum, self.second):
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        self.count = int(count.item())
+
+    def release(self) -> None:
+        """Drop the sums (the count stays): their means have been taken."""
+        self.sum = self.second = None
+
     def mean(self) -> torch.Tensor:
         """Σ x / n (float64)."""
         return self._divide(self.sum)

@@ -126,3 +126,26 @@ def test_bases_parse_and_mismatched_statistics_are_refused():
     wrong = stats_of(torch.randn(10, 5, generator=gen(0), dtype=F64))
     with pytest.raises(problems.ProblemMismatch, match="statistics of width 5 for a weight of width 4"):
         problems.solve_linear(w0, [w0 + 1], [wrong], [1.0], SolveSettings())
+
+
+@pytest.mark.parametrize("tasks", [1, 2, 3])
+@pytest.mark.parametrize("ridge", [0.0, 1e-2])
+def test_objective_from_the_solve_equals_one_from_activations(tasks, ridge):
+    """full_update_with_objective takes Jk and Ek from the solve's own products (the last
+    task's quadratic term from the weighted total): against tr(r Gk rᵀ) and tr(Δk Gk Δkᵀ)
+    computed directly here from the Grams of explicit activations, with unequal weights."""
+    from mergekit_qp.core.objective import full_update_with_objective
+
+    m, d = 6, 9
+    vs = [torch.randn(m, d, generator=gen(20 + k), dtype=F64) for k in range(tasks)]
+    xs = [torch.randn(30 + 7 * k, d, generator=gen(30 + k), dtype=F64) * (1 + k) for k in range(tasks)]
+    grams = [(x.T @ x / len(x)).float() for x in xs]  # float32, as the statistics store them
+    weights = [0.5 + 1.3 * k for k in range(tasks)]
+    update, solved = full_update_with_objective(vs, grams, weights, ridge)
+    torch.testing.assert_close(update, qp.full_update(vs, grams, weights, ridge))
+    g64 = [g.double() for g in grams]
+    for k, (v, g) in enumerate(zip(vs, g64)):
+        r = update.double() - v
+        assert solved.per_task[k] == pytest.approx(float(((r @ g) * r).sum()), rel=1e-5, abs=1e-9)
+        assert solved.energy_per_task[k] == pytest.approx(float(((v @ g) * v).sum()), rel=1e-9)
+    assert solved.total == pytest.approx(sum(w * j for w, j in zip(weights, solved.per_task)), rel=1e-12)

@@ -772,3 +772,25 @@ def test_an_expert_alone_captures_its_share_of_the_energy():
         assert alone.rho_per_task[k] == pytest.approx(1.0)
         assert alone.rho_per_task[1 - k] == pytest.approx(0.0, abs=1e-12)
         assert alone.rho == pytest.approx(energy[k] / sum(energy), rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_solvers_leave_their_inputs_alone(dtype):
+    """The full solve symmetrises and factorises in place (one d × d float64 buffer per step,
+    not five): in buffers of its own, never in the caller's Grams, whatever their dtype."""
+    g = torch.Generator().manual_seed(3)
+    vs = [torch.randn(4, 6, generator=g, dtype=dtype) for _ in range(2)]
+    grams = []
+    for _ in range(2):
+        x = torch.randn(9, 6, generator=g, dtype=dtype)
+        grams.append(x.T @ x / 9 + 1e-3 * torch.randn(6, 6, generator=g, dtype=dtype))  # not exactly symmetric
+    kept = [t.clone() for t in vs + grams]
+    qp.full_update(vs, grams, [1.0, 2.0], 1e-4)
+    qp.low_rank_update(vs, grams, [1.0, 2.0], 1e-4, 2)
+    qp.task_update(vs, grams, [1.0, 2.0], 1e-4)
+    for before, after in zip(kept, vs + grams):
+        assert torch.equal(before, after)
+    # and the asymmetric part is ignored, as the objective only sees the symmetric one
+    symmetric = [(gk + gk.mT) / 2 for gk in grams]
+    torch.testing.assert_close(qp.full_update(vs, grams, [1.0, 2.0], 1e-4),
+                               qp.full_update(vs, symmetric, [1.0, 2.0], 1e-4), rtol=1e-6, atol=1e-7)
