@@ -33,7 +33,6 @@ class StatisticsCollector:
         self._linear: Dict[str, Accumulator] = {}
         self._norm: Dict[str, Accumulator] = {}
         self.transposed: List[str] = []  # GPT-2 Conv1D modules (weight stored in × out)
-        self._norm_has_bias: Dict[str, bool] = {}
         self._embedding_counts: Dict[str, torch.Tensor] = {}
         self._embedding_tokens: Dict[str, int] = {}
         # Projections reading the tensor that the previous projection read share its Gram.
@@ -49,7 +48,6 @@ class StatisticsCollector:
                     self.transposed.append(name)
                 self._handles.append(module.register_forward_pre_hook(self._linear_hook(name)))
             elif is_norm(module):
-                self._norm_has_bias[name] = getattr(module, "bias", None) is not None
                 self._handles.append(module.register_forward_pre_hook(self._norm_hook(name)))
             elif isinstance(module, nn.Embedding):
                 self._handles.append(

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..core.statistics import is_conv1d, is_linear, is_norm, normalised_input
+from ..core.statistics import is_linear, is_norm, normalised_input
 
 # model_type → attribute path of the layer list in the transformers backbone (AutoModel)
 ARCHITECTURES = {

@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..reports import merge_report
+from .config_api import load_merge_config
 from .parameters import CALIBRATION_SETTINGS, METHOD_NAME, PARAMETERS
 
 
@@ -31,18 +32,11 @@ def calibration_problem(config_path: str, calibration_config: Optional[str] = No
     """The experts of a `models:` config with their calibration statistics (cached): calibration
     data and settings from the config's own `calibration` parameters or from an output_qp config
     of the same experts."""
-    import yaml
-    from mergekit.config import MergeConfiguration
-
     from ..calibration.cache import STATISTICS, CalibrationSettings
     from ..calibration.models import local_model_path
 
-    def load(path):
-        with open(path, encoding="utf-8") as fp:
-            return MergeConfiguration.model_validate(yaml.safe_load(fp))
-
-    config = load(config_path)
-    source = load(calibration_config) if calibration_config else config
+    config = load_merge_config(config_path)
+    source = load_merge_config(calibration_config) if calibration_config else config
     if not config.models or config.base_model is None:
         raise ValueError(f"diagnose: {config_path} needs `base_model:` and `models:` (slices are not supported)")
     calibration_of = {str(m.model): (m.parameters or {}).get("calibration") for m in source.models or []}

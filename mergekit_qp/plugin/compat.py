@@ -173,6 +173,14 @@ def merge_task_view(task) -> MergeTaskView:
                          input_parameters={m: dict(v.items()) for m, v in task.input_parameters.items()})
 
 
+def merge_task_parameter(task, name: str) -> Any:
+    """A shared parameter of one of mergekit's merge tasks (None when it has none, or when the
+    task is of another kind)."""
+    if not isinstance(task, merge_task_type()):
+        return None
+    return dict(task.parameters.items()).get(name)
+
+
 def execute_merge_task(task, tensors):
     return task.execute(tensors=tensors)
 

@@ -89,9 +89,6 @@ class MergeState:
 def merge_state_of(task) -> Optional[MergeState]:
     """The state a planned tensor task carries (an output_qp task or a sequential tensor)."""
     state = getattr(task, "merge_state", None)
-    if isinstance(state, MergeState):
-        return state
-    if isinstance(task, compat.merge_task_type()):
-        state = compat.merge_task_view(task).parameters.get(MERGE_STATE)
-        return state if isinstance(state, MergeState) else None
-    return None
+    if not isinstance(state, MergeState):
+        state = compat.merge_task_parameter(task, MERGE_STATE)
+    return state if isinstance(state, MergeState) else None

@@ -10,7 +10,7 @@ import torch
 
 from . import compat, config_checks, output
 from .merge_state import MergeState
-from .parameters import CALIBRATION_SETTINGS, MERGE_STATE, METHOD_NAME, PARAMETERS
+from .parameters import MERGE_STATE, METHOD_NAME, PARAMETERS
 
 _lock = threading.Lock()
 _patched = False
@@ -111,7 +111,3 @@ def patch_mergekit() -> None:
             **output.PATCHES,
         })
         _patched = True
-
-
-# Names the start-up hook and tests use.
-__all__ = ["CALIBRATION_SETTINGS", "patch_mergekit", "precompute_statistics"]

@@ -126,11 +126,17 @@ def plot_layers(report: Dict, path: str) -> None:
     plt.close(fig)
 
 
-def write_report(out_path: str, report: Dict) -> None:
-    os.makedirs(out_path, exist_ok=True)
-    plot_layers(report, os.path.join(out_path, "merge_report.png"))
-    with open(os.path.join(out_path, "merge_report.json"), "w", encoding="utf-8") as fp:
-        json.dump(report, fp, indent=1)
+def write_outputs(out_dir: str, stem: str, data: Dict, markdown: str, plot, allow_nan: bool = True) -> None:
+    """STEM.png (drawn by `plot(data, path)`), STEM.json and STEM.md into out_dir: the files of
+    every report of the package."""
+    os.makedirs(out_dir, exist_ok=True)
+    plot(data, os.path.join(out_dir, f"{stem}.png"))
+    with open(os.path.join(out_dir, f"{stem}.json"), "w", encoding="utf-8") as fp:
+        json.dump(data, fp, indent=1, allow_nan=allow_nan)
         fp.write("\n")
-    with open(os.path.join(out_path, "merge_report.md"), "w", encoding="utf-8") as fp:
-        fp.write(render_markdown(report))
+    with open(os.path.join(out_dir, f"{stem}.md"), "w", encoding="utf-8") as fp:
+        fp.write(markdown)
+
+
+def write_report(out_path: str, report: Dict) -> None:
+    write_outputs(out_path, "merge_report", report, render_markdown(report), plot_layers)

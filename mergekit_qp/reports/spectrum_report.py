@@ -3,9 +3,10 @@ spectrum.md and spectrum.png."""
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, Optional
+
+from .merge_report import write_outputs
 
 
 def _rank_label(spectrum: Dict, i: int) -> str:
@@ -65,10 +66,4 @@ def plot_spectrum(spectrum: Dict, path: str) -> None:
 
 def write_spectrum(out_dir: str, spectrum: Dict) -> None:
     """spectrum.json, spectrum.md and spectrum.png into out_dir."""
-    os.makedirs(out_dir, exist_ok=True)
-    plot_spectrum(spectrum, os.path.join(out_dir, "spectrum.png"))
-    with open(os.path.join(out_dir, "spectrum.json"), "w", encoding="utf-8") as fp:
-        json.dump(spectrum, fp, indent=1, allow_nan=False)
-        fp.write("\n")
-    with open(os.path.join(out_dir, "spectrum.md"), "w", encoding="utf-8") as fp:
-        fp.write(render_markdown(spectrum))
+    write_outputs(out_dir, "spectrum", spectrum, render_markdown(spectrum), plot_spectrum, allow_nan=False)

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import tiny_models
-from mergekit_qp.calibration import cache as cache_module
 from mergekit_qp.calibration.cache import CalibrationSettings, StatisticsCache
 from mergekit_qp.calibration.store import ModelStatistics
 
@@ -101,8 +100,3 @@ def test_gram_matches_brute_force_with_relative_tolerance(llama):
     scale = torch.sqrt(torch.outer(expected.diagonal(), expected.diagonal()))
     assert ((got - expected).abs() / scale).max() < 1e-5
     assert stats.tokens == len(x)
-
-
-def test_the_process_cache_is_an_object_with_clear():
-    assert isinstance(cache_module.STATISTICS, StatisticsCache)
-    assert callable(cache_module.STATISTICS.clear)

@@ -49,7 +49,7 @@ def test_gpt2_conv1d_is_solved_in_independent_mode(tmp_path):
     report = json.loads((out / "merge_report.json").read_text())
     solved = {t["name"] for t in report["tensors"] if t["fallback"] is None}
     module = "transformer.h.1.mlp.c_fc"
-    assert {f"transformer.h.0.attn.c_attn.weight", f"{module}.weight"} <= solved
+    assert {"transformer.h.0.attn.c_attn.weight", f"{module}.weight"} <= solved
 
     base = Checkpoint(str(paths["base"]))
     w0 = torch.cat([base.get(f"{module}.weight").double().T, base.get(f"{module}.bias").double()[:, None]], 1)
