@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -20,11 +22,13 @@ from .. import __version__
 from .collector import StatisticsCollector
 from .data import CalibrationError, CalibrationSource, batches, calibration_fingerprint, load_records, \
     tokenize_calibration
-from .memory import check_pass_fits
-from .models import load_model, load_tokenizer, local_model_path, tokenizer_fingerprint
+from .layers import SequentialUnsupported
+from .memory import check_pass_fits, check_streamed_fits
+from .models import load_model, load_tokenizer, local_model_path, output_head, tokenizer_fingerprint
 from .store import FORMAT_VERSION as STATISTICS_FORMAT
-from .store import ModelStatistics, StatisticsError, files_fingerprint, fingerprint, save_statistics, \
+from .store import INDEX_FILE, ModelStatistics, StatisticsError, files_fingerprint, fingerprint, save_statistics, \
     statistics_metadata
+from .streamed import streamed_statistics, streams
 
 LOG = logging.getLogger("mergekit_qp")
 
@@ -105,18 +109,39 @@ class StatisticsCache:
             if key in self._by_key:
                 self._by_request[request] = self._by_key[key]
                 return self._by_key[key]
-            path = os.path.join(settings.cache_dir or default_cache_dir(), f"{key}.safetensors")
-            stats = _read_cached(path, key, model_dir)
-            if stats is None:
-                stats = compute_statistics(model_dir, base_dir, source, settings, device, trust_remote_code,
-                                           description={"cache_key": key})
-                _write_cached(path, stats, model_dir)
+            folder = os.path.join(settings.cache_dir or default_cache_dir(), key)
+            with _locked(folder + ".lock"):  # another process computing the same statistics: wait for it
+                stats = _read_cached(folder, key, model_dir) or _read_cached(folder + ".safetensors", key, model_dir)
+                if stats is None:
+                    if os.path.isdir(folder):  # an unusable folder (warned about above) gives way
+                        shutil.rmtree(folder)
+                    stats = compute_statistics(model_dir, base_dir, source, settings, device, trust_remote_code,
+                                               description={"cache_key": key}, folder=folder)
+                    if stats.path is None:  # the whole-model pass: one file
+                        _write_cached(folder + ".safetensors", stats, model_dir)
             self._by_key[key] = self._by_request[request] = stats
             return stats
 
 
+@contextmanager
+def _locked(path: str):
+    """An exclusive lock on `path` across processes (released by the OS if the holder dies)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): concurrent passes write identical files atomically
+        yield
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _read_cached(path: str, key: str, model_dir: str) -> Optional[ModelStatistics]:
-    if not os.path.exists(path):
+    if not os.path.exists(path) or (os.path.isdir(path) and not os.path.exists(os.path.join(path, INDEX_FILE))):
         return None
     try:
         stats = ModelStatistics.open(path)
@@ -142,9 +167,13 @@ def _write_cached(path: str, stats: ModelStatistics, model_dir: str) -> None:
 
 def compute_statistics(model_dir: str, base_dir: str, source: CalibrationSource, settings: CalibrationSettings,
                        device: torch.device, trust_remote_code: bool = False,
-                       description: Optional[Dict[str, str]] = None) -> ModelStatistics:
-    """One forward pass of the expert over its calibration data, with the hook collector."""
-    from tqdm.auto import tqdm
+                       description: Optional[Dict[str, str]] = None, folder: Optional[str] = None,
+                       resume_every: Optional[float] = 120.0,
+                       after_layer: Optional[Callable[[int], None]] = None) -> ModelStatistics:
+    """The expert's statistics on its calibration data: layer by layer into the shard folder
+    `folder` where the architecture has a layer adapter (calibration/streamed.py), else one
+    whole-model forward pass with the hook collector, refused first if it cannot fit."""
+    import transformers
 
     tokenizer = load_tokenizer(base_dir, trust_remote_code)
     records = load_records(source)
@@ -161,51 +190,70 @@ def compute_statistics(model_dir: str, base_dir: str, source: CalibrationSource,
                     "calibration_samples: %d; statistics use what there is", source.path, len(sequences), total,
                     model_dir, settings.samples)
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-    check_pass_fits(model_dir, device, settings.max_batch_tokens, settings.seq_len, trust_remote_code)
-    model = load_model(model_dir, device, trust_remote_code)
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"output_qp: model {model_dir!r} has NaN or Inf in tensor {name}")
-    positions = getattr(model.config, "max_position_embeddings", None)
+    config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True,
+                                                     trust_remote_code=trust_remote_code)
+    _check_tokens(config, sequences, model_dir, source)
+    description = {"model": model_dir, "calibration": source.path, **(description or {}),
+                   **{k: str(v) for k, v in asdict(settings).items()}}
+    batch_list = list(batches(sequences, max_tokens=settings.max_batch_tokens, pad_id=pad_id))
+    if folder is not None and streams(config, model_dir):
+        check_streamed_fits(model_dir, device, total, settings.max_batch_tokens, settings.seq_len, trust_remote_code)
+        try:
+            streamed_statistics(model_dir, config, batch_list, device, folder, description=description,
+                                resume_every=resume_every, after_layer=after_layer)
+            return ModelStatistics.open(folder)
+        except StatisticsError as error:
+            raise StatisticsError(f"{error} (calibration data '{source.path}')") from None
+        except SequentialUnsupported as error:  # this transformers version runs its layers otherwise
+            LOG.warning("output_qp: %s; computing the statistics with a whole-model pass instead", error)
+    return _whole_model_statistics(model_dir, batch_list, total, settings, device, trust_remote_code, description)
+
+
+def _check_tokens(config, sequences, model_dir: str, source: CalibrationSource) -> None:
+    positions = getattr(config, "max_position_embeddings", None)
     longest = max(len(s) for s in sequences)
     if positions is not None and longest > positions:
         raise ValueError(
             f"output_qp: calibration_seq_len gives sequences of {longest} tokens but {model_dir!r} "
             f"takes at most {positions} positions: set calibration_seq_len ≤ {positions}"
         )
-    vocab = model.get_input_embeddings().num_embeddings if model.get_input_embeddings() is not None else None
+    vocab = getattr(config, "vocab_size", None)
     if vocab is not None and max(int(s.max()) for s in sequences) >= vocab:
         raise ValueError(
             f"output_qp: calibration {source.path!r} has token ids ≥ {vocab}, the vocabulary size of {model_dir!r}"
         )
+
+
+def _whole_model_statistics(model_dir: str, batch_list, total: int, settings: CalibrationSettings,
+                            device: torch.device, trust_remote_code: bool,
+                            description: Dict[str, str]) -> ModelStatistics:
+    """One forward pass of the expert over its calibration data, with the hook collector."""
+    from tqdm.auto import tqdm
+
+    check_pass_fits(model_dir, device, settings.max_batch_tokens, settings.seq_len, trust_remote_code)
+    model = load_model(model_dir, device, trust_remote_code)
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"output_qp: model {model_dir!r} has NaN or Inf in tensor {name}")
     collector = StatisticsCollector(model, stop_after=output_head(model))
     try:
         with tqdm(total=total, unit="tok", desc=f"output_qp statistics {os.path.basename(model_dir.rstrip('/'))}") as bar:
-            for input_ids, mask in batches(sequences, max_tokens=settings.max_batch_tokens, pad_id=pad_id):
+            for input_ids, mask in batch_list:
                 collector.observe(input_ids.to(device), mask.to(device))
                 bar.update(int(mask.sum()))
         tensors = collector.tensors()
     except StatisticsError as error:
-        raise StatisticsError(f"output_qp: model {model_dir!r} on calibration data '{source.path}': {error}") from None
+        raise StatisticsError(f"output_qp: model {model_dir!r} on calibration data "
+                              f"'{description['calibration']}': {error}") from None
     finally:
         collector.close()
     if collector.skipped:
         LOG.info("output_qp: no statistics for %s", ", ".join(sorted(collector.skipped)))
     metadata = statistics_metadata(
         aliases=collector.aliases, transposed=collector.transposed, tokens=collector.token_count(),
-        base_model_prefix=getattr(model, "base_model_prefix", "") or "",
-        description={"model": model_dir, "calibration": source.path, **(description or {}),
-                     **{k: str(v) for k, v in asdict(settings).items()}})
+        base_model_prefix=getattr(model, "base_model_prefix", "") or "", description=description)
     del model
     return ModelStatistics(tensors, metadata)
-
-
-def output_head(model) -> Optional[str]:
-    """The name of the output head (lm_head), whose input is the last statistic a pass needs."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
-        return None
-    return next((name for name, module in model.named_modules() if module is head), None)
 
 
 STATISTICS = StatisticsCache()  # the process's cache, handed to each merge's state

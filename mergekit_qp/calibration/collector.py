@@ -8,7 +8,7 @@ Projections that read the same tensor (q/k/v, gate/up) share one Gram, stored on
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -17,16 +17,20 @@ from ..core.statistics import Accumulator, is_conv1d, is_linear, is_norm, normal
 from .store import EMBEDDING, LINEAR, NORM, StatisticsError
 
 
-class _EndOfPass(Exception):
-    """Raised at the output head's input: nothing after it has statistics."""
+class EndOfPass(Exception):
+    """Raised by a hook once the pass has what it needs (the output head's input, the last
+    layer's arguments): ends the forward early."""
 
 
 class StatisticsCollector:
     """Attach hooks to a model, run calibration batches through it, return the statistics."""
 
-    def __init__(self, model: nn.Module, stop_after: Optional[str] = None):
+    def __init__(self, model: nn.Module, stop_after: Optional[str] = None,
+                 hook: Callable[[str], bool] = lambda name: True):
         """`stop_after`: a module whose input is the last statistic the pass needs (the output
-        head): the forward pass ends there, so logits (tokens × vocabulary) are never computed."""
+        head): the forward pass ends there, so logits (tokens × vocabulary) are never computed.
+        `hook`: which modules (by name) get statistics; the layer-streamed pass hooks a layer
+        at a time and the modules outside the layers separately."""
         self.model = model
         self._mask: Optional[torch.Tensor] = None
         self._keep: Optional[torch.Tensor] = None  # flat indices of real tokens, None if no padding
@@ -43,6 +47,8 @@ class StatisticsCollector:
         self._tokens: Optional[int] = None  # set when tensors() releases the float64 sums
         self._handles = []
         for name, module in model.named_modules():
+            if not hook(name):
+                continue
             if is_linear(module):
                 if is_conv1d(module):
                     self.transposed.append(name)
@@ -57,7 +63,7 @@ class StatisticsCollector:
             self._handles.append(model.get_submodule(stop_after).register_forward_pre_hook(self._stop_hook))
 
     def _stop_hook(self, module, args):
-        raise _EndOfPass
+        raise EndOfPass
 
     def _rows(self, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The (tokens × features) rows of a hooked input at unmasked positions, or None."""
@@ -114,14 +120,20 @@ class StatisticsCollector:
     @torch.no_grad()
     def observe(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """Run one right-padded batch; only positions where attention_mask is true count."""
+        self.run(attention_mask, lambda: self.model(input_ids=input_ids, attention_mask=attention_mask.long()))
+
+    @torch.no_grad()
+    def run(self, attention_mask: torch.Tensor, forward: Callable[[], object]):
+        """`forward()` (any call that runs the hooked modules on one batch of token layout
+        `attention_mask`) with statistics taken; its result, or None when a hook ended it."""
         self._mask = attention_mask.bool()
         flat = self._mask.reshape(-1)
         self._keep = None if bool(flat.all()) else flat.nonzero().squeeze(1)
         self._last_input = self._last_key = None
         try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask.long())
-        except _EndOfPass:
-            pass
+            return forward()
+        except EndOfPass:
+            return None
         finally:
             self._last_input = self._last_key = None
 

@@ -18,12 +18,13 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..core.statistics import is_linear, is_norm, normalised_input
+from .collector import EndOfPass
 
 # model_type → attribute path of the layer list in the transformers backbone (AutoModel)
 ARCHITECTURES = {
@@ -39,10 +40,6 @@ _LAYER_NAME = re.compile(r"^(?:.*\.)?(?:layers|h|layer)\.(\d+)\.(.+)$")
 
 class SequentialUnsupported(ValueError):
     """An architecture (or layer layout) without sequential support."""
-
-
-class _Stop(Exception):
-    """Raised by a hook once it has what it needs; ends the forward pass early."""
 
 
 def layer_local_name(name: str) -> Optional[Tuple[int, str]]:
@@ -111,7 +108,7 @@ class Backbone:
         """The backbone with real embeddings (and buffers) and every layer replaced by a stub
         that appends its arguments to `sink`; the last stub stops the forward pass."""
         driver = copy.deepcopy(self.model)
-        stubs = nn.ModuleList(_Stub(i, sink, last=i == self.num_layers - 1) for i in range(self.num_layers))
+        stubs = recording_stubs(self.num_layers, sink)
         parent, _, attr = self.layers_path.rpartition(".")
         setattr(driver.get_submodule(parent) if parent else driver, attr, stubs)
         driver.to_empty(device=device)
@@ -125,6 +122,53 @@ class Backbone:
                 params[name] = match
         _load(driver, params, "embeddings", device, require=_reachable_parameters(driver, self.layers_path))
         return driver.eval()
+
+
+    def outer_model(self, tensor_of: Callable[[str], Optional[torch.Tensor]], device,
+                    stubs: nn.ModuleList) -> Tuple[nn.Module, str]:
+        """The checkpoint's own model class (its output head included) with the weights outside
+        the layers, from `tensor_of(parameter name)`, and `stubs` in place of the layers; returns
+        it with the path of the layer list in it."""
+        from .models import model_class_for
+
+        import transformers
+
+        model_class = model_class_for(self.config)
+        with torch.device("meta"):
+            model = (transformers.AutoModel.from_config(self.config) if model_class is transformers.AutoModel
+                     else model_class(self.config))
+        path = self.layers_path
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        if prefix and hasattr(model, prefix) and _submodule(model, path) is None:
+            path = f"{prefix}.{path}"
+        parent, _, attr = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, stubs)
+        model.to_empty(device=device)
+        for module in model.modules():  # buffers (rotary frequencies, position ids) are computed, not loaded
+            model._init_weights(module)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        missing, weights = [], {}
+        for name, parameter in model.named_parameters():
+            tensor = tensor_of(name)
+            if tensor is None:
+                if head is not None and parameter is head.weight and getattr(self.config, "tie_word_embeddings", False):
+                    continue  # a tied output head is stored once, as the input embedding
+                missing.append(name)
+            else:
+                weights[name] = tensor
+        if missing:
+            raise SequentialUnsupported(f"no tensor for parameter(s) {', '.join(missing)} in the checkpoint")
+        _load(model, weights, "the weights outside the layers", device, require=list(weights))
+        if head is not None and not any(head.weight is p for n, p in model.named_parameters() if n in weights):
+            head.weight = model.get_input_embeddings().weight
+        return model.eval(), path
+
+
+def _submodule(model: nn.Module, path: str) -> Optional[nn.Module]:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def _match_outer(name: str, weights: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
@@ -145,14 +189,14 @@ def _load(module: nn.Module, weights: Dict[str, torch.Tensor], what: str, device
     needed = set(require if require is not None else state)
     missing = sorted(needed - set(weights))
     if missing:
-        raise SequentialUnsupported(f"output_qp sequential: no tensor for {what} parameter(s) {', '.join(missing)}")
+        raise SequentialUnsupported(f"output_qp: no tensor for {what} parameter(s) {', '.join(missing)}")
     with torch.no_grad():
         for name, tensor in weights.items():
             if name not in state:
                 continue
             if tuple(state[name].shape) != tuple(tensor.shape):
                 raise SequentialUnsupported(
-                    f"output_qp sequential: {what} parameter {name} has shape {tuple(tensor.shape)}, "
+                    f"output_qp: {what} parameter {name} has shape {tuple(tensor.shape)}, "
                     f"the architecture expects {tuple(state[name].shape)}"
                 )
             state[name].copy_(tensor.to(device=device, dtype=torch.float32))
@@ -167,8 +211,25 @@ class _Stub(nn.Module):
     def forward(self, hidden_states, *args, **kwargs):
         self.sink.append((hidden_states, (args, kwargs)))
         if self.last:
-            raise _Stop
+            raise EndOfPass
         return hidden_states
+
+
+class TailStub(nn.Module):
+    """A layer stand-in that passes hidden states on; the last hands over the real last
+    layer's output (`output[0]`, set per batch), so the model's own code runs what follows."""
+
+    def __init__(self, last: bool, output: List):
+        super().__init__()
+        self.last, self.output = last, output
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.output[0] if self.last else hidden_states
+
+
+def recording_stubs(num_layers: int, sink: List) -> nn.ModuleList:
+    """Stand-ins that record each layer's arguments; the last ends the forward pass."""
+    return nn.ModuleList(_Stub(i, sink, last=i == num_layers - 1) for i in range(num_layers))
 
 
 @torch.no_grad()
@@ -182,7 +243,7 @@ def embed(backbone: Backbone, outer_weights: Dict[str, torch.Tensor], batches, d
         sink.clear()
         try:
             driver(input_ids=input_ids.to(device), attention_mask=mask.long().to(device))
-        except _Stop:
+        except EndOfPass:
             pass
         if len(sink) != backbone.num_layers or any(h.shape != sink[0][0].shape for h, _ in sink):
             raise SequentialUnsupported(
@@ -245,7 +306,7 @@ def stage_inputs(layer: nn.Module, index: int, module_name: str, batches: Sequen
 
     def hook(mod, args):
         captured.append(args[0])
-        raise _Stop
+        raise EndOfPass
 
     handle = module.register_forward_pre_hook(hook)
     rows = []
@@ -254,7 +315,7 @@ def stage_inputs(layer: nn.Module, index: int, module_name: str, batches: Sequen
             captured.clear()
             try:
                 b.call(layer, index)
-            except _Stop:
+            except EndOfPass:
                 pass
             if not captured:
                 raise SequentialUnsupported(f"output_qp sequential: {module_name} was not called in layer {index}")

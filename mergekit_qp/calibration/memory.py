@@ -11,7 +11,7 @@ certainly does not fit.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -49,23 +49,86 @@ def _meta_model(model_dir: str, trust_remote_code: bool):
         return config, model_class(config)
 
 
-def predict_pass_memory(model_dir: str, max_batch_tokens: int, seq_len: int,
-                        trust_remote_code: bool = False) -> PassMemory:
-    config, model = _meta_model(model_dir, trust_remote_code)
-    parameters = sum(p.numel() for p in model.parameters())
+def _input_widths(model) -> List[int]:
+    """The widths of the distinct linear inputs (modules of one parent and one input width count
+    once: q/k/v, gate/up; o_proj shares q/k/v's, so the figure is a lower estimate)."""
     inputs: Dict[Tuple[str, int], int] = {}
     for name, module in model.named_modules():
         if is_linear(module):
             width = module.weight.shape[0] if is_conv1d(module) else module.weight.shape[1]
             inputs[(name.rpartition(".")[0], width)] = width
-    widths = list(inputs.values())
+    return list(inputs.values())
+
+
+def predict_pass_memory(model_dir: str, max_batch_tokens: int, seq_len: int,
+                        trust_remote_code: bool = False) -> PassMemory:
+    config, model = _meta_model(model_dir, trust_remote_code)
+    parameters = sum(p.numel() for p in model.parameters())
+    widths = _input_widths(model)
     statistics = sum(8 * d * d for d in widths) + 4 * max((d * d for d in widths), default=0)
+    return PassMemory(4 * parameters, statistics, _activations(config, max_batch_tokens, seq_len))
+
+
+@dataclass(frozen=True)
+class StreamedPassMemory:
+    """The layer-streamed pass: the weights outside the layers are held only before the first
+    layer and after the last, so the peak is the larger of the two phases."""
+
+    layer_bytes: int  # the largest layer's weights in float32
+    statistics_bytes: int  # that layer's float64 Gram sums and the float32 means made from them
+    outer_bytes: int  # embeddings, final norm and output head in float32
+    hidden_bytes: int  # every calibration token's hidden state, a layer's inputs and outputs
+    activation_bytes: int  # one batch inside a layer
+
+    @property
+    def total(self) -> int:
+        return max(self.layer_bytes + self.statistics_bytes, self.outer_bytes) + self.hidden_bytes \
+            + self.activation_bytes
+
+
+def predict_streamed_memory(model_dir: str, tokens: int, max_batch_tokens: int, seq_len: int,
+                            trust_remote_code: bool = False) -> StreamedPassMemory:
+    """The peak of the layer-streamed pass over `tokens` calibration tokens (one expert)."""
+    from .layers import Backbone
+
+    config, model = _meta_model(model_dir, trust_remote_code)
+    layers = Backbone(config).layers
+    per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    outer = sum(p.numel() for p in model.parameters()) - sum(per_layer)
+    grams = max((sum(12 * d * d for d in _input_widths(layer)) for layer in layers), default=0)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
+    return StreamedPassMemory(layer_bytes=4 * max(per_layer, default=0), statistics_bytes=grams,
+                              outer_bytes=4 * outer, hidden_bytes=2 * 4 * tokens * hidden,
+                              activation_bytes=_activations(config, max_batch_tokens, seq_len))
+
+
+def check_streamed_fits(model_dir: str, device: torch.device, tokens: int, max_batch_tokens: int, seq_len: int,
+                        trust_remote_code: bool = False) -> StreamedPassMemory:
+    """Refuse, before loading anything, a layer-streamed pass that cannot fit."""
+    need = predict_streamed_memory(model_dir, tokens, max_batch_tokens, seq_len, trust_remote_code)
+    _refuse_above_free(
+        need.total, device, f"the layer-by-layer statistics pass over {model_dir!r}",
+        f"one layer in float32 {need.layer_bytes / GB:.1f} GB, its Gram sums {need.statistics_bytes / GB:.1f} GB, "
+        f"weights outside the layers {need.outer_bytes / GB:.1f} GB, hidden states of {tokens} calibration tokens "
+        f"{need.hidden_bytes / GB:.1f} GB, activations {need.activation_bytes / GB:.1f} GB",
+        "use fewer calibration tokens (calibration_samples, calibration_seq_len) or a device with more memory "
+        "(mergekit's --device)")
+    return need
+
+
+def _refuse_above_free(total: int, device: torch.device, what_runs: str, parts: str, way_out: str) -> None:
+    free, what = available_memory(device)
+    if total > free:
+        raise InsufficientMemory(f"output_qp: {what_runs} needs at least {total / GB:.1f} GB ({parts}) but "
+                                 f"{free / GB:.1f} GB is {what}: {way_out}")
+
+
+def _activations(config, max_batch_tokens: int, seq_len: int) -> int:
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
     inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
     tokens = max_batch_tokens
-    activations = 4 * tokens * (4 * hidden + 2 * inner) + 4 * tokens * min(seq_len, tokens) * heads
-    return PassMemory(4 * parameters, statistics, activations)
+    return 4 * tokens * (4 * hidden + 2 * inner) + 4 * tokens * min(seq_len, tokens) * heads
 
 
 def available_memory(device: torch.device) -> Tuple[int, str]:
@@ -83,11 +146,9 @@ def check_pass_fits(model_dir: str, device: torch.device, max_batch_tokens: int,
                     trust_remote_code: bool = False) -> PassMemory:
     """Refuse, before loading anything, a pass whose predicted peak exceeds what is free."""
     need = predict_pass_memory(model_dir, max_batch_tokens, seq_len, trust_remote_code)
-    free, what = available_memory(device)
-    if need.total > free:
-        raise InsufficientMemory(
-            f"output_qp: the statistics pass over {model_dir!r} needs at least {need.total / GB:.1f} GB "
-            f"(model in float32 {need.model_bytes / GB:.1f} GB, Gram sums {need.statistics_bytes / GB:.1f} GB, "
-            f"activations {need.activation_bytes / GB:.1f} GB) but {free / GB:.1f} GB is {what}: run it on a "
-            "machine or device with more memory (mergekit's --device), or merge a smaller model")
+    _refuse_above_free(
+        need.total, device, f"the statistics pass over {model_dir!r}",
+        f"model in float32 {need.model_bytes / GB:.1f} GB, Gram sums {need.statistics_bytes / GB:.1f} GB, "
+        f"activations {need.activation_bytes / GB:.1f} GB",
+        "run it on a machine or device with more memory (mergekit's --device), or merge a smaller model")
     return need

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from typing import Optional
 
 import torch
 
@@ -64,3 +65,11 @@ def load_model(model_dir: str, device: torch.device, trust_remote_code: bool = F
                                                      trust_remote_code=trust_remote_code)
     model = model_class_for(config).from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
     return model.to(device=device, dtype=torch.float32).eval()
+
+
+def output_head(model) -> Optional[str]:
+    """The name of the output head (lm_head), whose input is the last statistic a pass needs."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return None
+    return next((name for name, module in model.named_modules() if module is head), None)

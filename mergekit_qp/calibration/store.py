@@ -1,6 +1,7 @@
-"""The statistics file: one model's calibration statistics as a safetensors file of float32
-means (keys ``<kind>/<module>/<statistic>``), written atomically, and the fingerprints that
-key the cache (no mergekit, no transformers)."""
+"""The statistics store: one model's calibration statistics as float32 means (keys
+``<kind>/<module>/<statistic>``), either one safetensors file (the whole-model pass) or a folder
+of per-layer shards with an index written last (the layer-streamed pass), every file written
+atomically; and the fingerprints that key the cache (no mergekit, no transformers)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ..core.statistics import EmbeddingStats, LinearStats, NormStats
 
 FORMAT = "mergekit_qp.statistics"
 FORMAT_VERSION = "1"
+INDEX_FILE = "statistics.json"  # a shard folder's index: its metadata and shard files
 
 LINEAR, NORM, EMBEDDING = "linear", "norm", "embedding"
 
@@ -43,6 +45,9 @@ class ModelStatistics:
 
     @staticmethod
     def open(path: str) -> "ModelStatistics":
+        """A statistics file, or a folder of shards (read lazily, one tensor when asked for)."""
+        if os.path.isdir(path):
+            return _open_folder(path)
         try:
             file = safe_open(path, framework="pt")
             meta = file.metadata() or {}
@@ -103,19 +108,48 @@ def statistics_metadata(*, aliases: Dict[str, str], transposed: Iterable[str], t
 
 def save_statistics(path: str, statistics: ModelStatistics) -> None:
     """Write atomically: a reader never sees a half-written file under the final name."""
-    tensors = {k: statistics._get(k) for k in statistics._keys}
-    meta = statistics.metadata
+    save_tensors(path, {k: statistics._get(k) for k in statistics._keys}, statistics.metadata)
+
+
+def save_tensors(path: str, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
+    """A safetensors file written under a temporary name and renamed into place."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_index(folder: str, metadata: Dict[str, str], files: List[str]) -> None:
+    """The index that makes a shard folder complete (written last, atomically)."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    with os.fdopen(fd, "w") as fp:
+        json.dump({"metadata": metadata, "files": files}, fp, indent=1)
+    os.replace(tmp, os.path.join(folder, INDEX_FILE))
+
+
+def _open_folder(path: str) -> ModelStatistics:
+    try:
+        with open(os.path.join(path, INDEX_FILE)) as fp:
+            index = json.load(fp)
+        meta, files = index["metadata"], index["files"]
+        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+            raise StatisticsError(f"{path} is not a mergekit-qp statistics folder of version {FORMAT_VERSION}")
+        by_key = {}
+        for name in files:
+            handle = safe_open(os.path.join(path, name), framework="pt")
+            by_key.update({key: handle for key in handle.keys()})
+    except StatisticsError:
+        raise
+    except Exception as error:  # a missing or truncated index or shard
+        raise StatisticsError(f"cannot read statistics folder {path}: {error}") from error
+    return ModelStatistics(_LazyShards(by_key), meta, path)
 
 
 def fingerprint(parts: Dict[str, str]) -> str:
@@ -159,3 +193,16 @@ class _LazyFile:
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self._file.get_tensor(key)
+
+
+class _LazyShards:
+    """A folder of safetensors shards as one read-only mapping, loading a tensor when asked."""
+
+    def __init__(self, by_key):
+        self._by_key = by_key
+
+    def keys(self):
+        return self._by_key.keys()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._by_key[key].get_tensor(key)

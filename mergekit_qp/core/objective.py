@@ -14,9 +14,10 @@ from typing import Iterable, Mapping, Optional
 
 import torch
 
-from .qp import _f64, _out, _ridge, _seq, _solve_dev, _symmetric_f64, _tensor, _validate
+from .qp import _f64, _factorise, _out, _ridge, _seq, _solve_dev, _symmetric_f64, _tensor, _validate, _weights
 
-__all__ = ["Objective", "aggregate_rho", "energy_captured", "full_update_with_objective", "layer_of", "objective"]
+__all__ = ["Objective", "aggregate_rho", "energy_captured", "full_update_by_rows", "full_update_with_objective",
+           "layer_of", "objective", "solve_by_rows"]
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -114,6 +115,65 @@ def full_update_with_objective(task_vectors, grams, weights, ridge: float = 0.0)
     objective_ = Objective(tuple(per), tuple(energy), sum(a * j for a, j in zip(raw, per)),
                            sum(a * e for a, e in zip(raw, energy)))
     return _out(update, dev), objective_
+
+
+def solve_by_rows(m: int, d: int, tasks: int, block_bytes: int = 1 << 25) -> int:
+    """The output rows per block for an m × d full-basis solve of `tasks` tasks, or 0 for the
+    direct solve: blocks pay when the direct solve's K + 4 float64 m × d buffers would exceed
+    the K + 1 float64 d × d Grams the blocked solve keeps (output heads, MLP up-projections)."""
+    if m * (tasks + 4) <= d * (tasks + 1):
+        return 0
+    return max(256, block_bytes // (8 * d))
+
+
+def full_update_by_rows(rows_of, m: int, d: int, grams, weights, ridge: float, write, block_rows: int) -> Objective:
+    """full_update_with_objective of an m × d update, solved in blocks of output rows: with
+    Ĝ + λI factorised once, the problem separates over rows. `rows_of(rows)` gives the K task
+    vectors' rows (a slice), `write(rows, update rows as float32)` takes the result, so no
+    m × d float64 buffer is ever whole. Holds the K tasks' float64 Grams, Ĝ, its factor and one
+    block. The same minimiser and objective terms, summed over blocks."""
+    w, wsum = _weights(weights, len(grams))
+    gs, ridge = _seq("grams", grams, len(w), (d, d)), _ridge(ridge)
+    dev = gs[0].device
+    sym = [_symmetric_f64(g, dev) for g in gs]
+    G = torch.zeros(d, d, dtype=torch.float64, device=dev)
+    for wk, gk in zip(w, sym):
+        G.add_(gk, alpha=wk)
+    tr = float(G.trace())
+    lam = ridge * tr / d if tr > 0 else ridge
+    solve = _factorise(G.clone(), lam, overwrite=True)
+    K, last = len(w), len(w) - 1
+    energy, quadratic, cross = [0.0] * K, [0.0] * K, [0.0] * K
+    for start in range(0, m, block_rows):
+        rows = slice(start, min(start + block_rows, m))
+        vs = [_f64(_tensor(f"task_vectors[{k}] rows {rows.start}:{rows.stop}", v), dev)
+              for k, v in enumerate(rows_of(rows))]
+        mean = sum(wk * v for wk, v in zip(w, vs))
+        S = torch.zeros_like(mean)
+        for k in range(K):
+            nk = vs[k] @ sym[k]
+            energy[k] += float((vs[k] * nk).sum())
+            S.add_(nk, alpha=w[k])
+            vs[k] = nk  # only Δk Gk is needed from here on
+        x = solve(S - mean @ G)
+        update = mean + x
+        del mean
+        S -= lam * x  # Δ Ĝ over these rows
+        block_quadratic = float((update * S).sum())
+        del S, x
+        for k in range(K):
+            cross[k] += float((update * vs[k]).sum())  # ⟨Δ Gk, Δk⟩ = ⟨Δ, Δk Gk⟩ (Gk symmetric)
+            if k < last:
+                q = float(((update @ sym[k]) * update).sum())
+                quadratic[k] += q
+                block_quadratic -= w[k] * q
+        quadratic[last] += block_quadratic / w[last]
+        write(rows, _out(update, dev))
+        del vs, update
+    per = [max(0.0, q - 2 * c + e) for q, c, e in zip(quadratic, cross, energy)]
+    raw = [wk * wsum for wk in w]
+    return Objective(tuple(per), tuple(energy), sum(a * j for a, j in zip(raw, per)),
+                     sum(a * e for a, e in zip(raw, energy)))
 
 
 def aggregate_rho(terms: Iterable[Mapping[str, Mapping[str, float]]], task: Optional[str] = None) -> float:

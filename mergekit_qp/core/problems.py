@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import qp, svc
-from .objective import Objective, full_update_with_objective, objective
+from .objective import Objective, full_update_by_rows, full_update_with_objective, objective, solve_by_rows
 from .statistics import EmbeddingStats, LinearStats, NormStats
 
 __all__ = ["Basis", "LinearSolution", "ProblemMismatch", "SolveSettings", "augmented_gram", "fallback_update",
@@ -101,6 +101,9 @@ class LinearSolution:
     objective: Objective  # of the joint (weight, bias) update, unreachable energy included
 
 
+ROW_BLOCK_BYTES = 1 << 25  # one float64 buffer of a block of output rows (32 MB)
+
+
 def solve_linear(base_weight: torch.Tensor, expert_weights: Sequence[torch.Tensor], stats: Sequence[LinearStats],
                  weights: Sequence[float], settings: SolveSettings, base_bias: Optional[torch.Tensor] = None,
                  expert_biases: Optional[Sequence[torch.Tensor]] = None) -> LinearSolution:
@@ -119,10 +122,17 @@ def solve_linear(base_weight: torch.Tensor, expert_weights: Sequence[torch.Tenso
     def as_solved(w: torch.Tensor) -> torch.Tensor:
         return w.double().T if transposed else w.double()
 
+    if with_bias:
+        grams = [augmented_gram(g, s.mean.to(device, g.dtype)) for g, s in zip(grams, stats)]
+    m = base_weight.shape[1] if transposed else base_weight.shape[0]
+    if settings.basis.kind == "full" and not settings.svc and not expert_output:
+        block_rows = solve_by_rows(m, grams[0].shape[0], len(expert_weights), ROW_BLOCK_BYTES)
+        if block_rows:
+            return _solve_linear_by_rows(base_weight, expert_weights, grams, weights, settings, base_bias,
+                                         expert_biases, transposed, block_rows)
     w0 = as_solved(base_weight)
     if with_bias:
         w0 = torch.cat([w0, base_bias.double()[:, None]], 1)
-        grams = [augmented_gram(g, s.mean.to(device, g.dtype)) for g, s in zip(grams, stats)]
     # The experts' float64 weights are kept only where the expert-output target needs them:
     # each is a full m × d copy.
     experts_w, deltas = [], []
@@ -152,6 +162,36 @@ def solve_linear(base_weight: torch.Tensor, expert_weights: Sequence[torch.Tenso
     new_w = (new_w.T if transposed else new_w).to(base_weight.dtype)
     new_b = None if not with_bias else (base_bias.double() + update[:, d]).to(base_bias.dtype)
     return LinearSolution(new_w, new_b, _objective(update, deltas, grams, weights, unreachable, solved))
+
+
+def _solve_linear_by_rows(base_weight, expert_weights, grams, weights, settings: SolveSettings, base_bias,
+                          expert_biases, transposed: bool, block_rows: int) -> LinearSolution:
+    """solve_linear's full-basis solve in blocks of output rows (objective.full_update_by_rows):
+    the experts' float64 rows are made per block, the merged rows written straight into the
+    output, so an output head's m × d float64 copies are never whole."""
+    m, d = (base_weight.shape[1], base_weight.shape[0]) if transposed else tuple(base_weight.shape)
+
+    def solved_rows(w: torch.Tensor, bias: Optional[torch.Tensor], rows: slice) -> torch.Tensor:
+        out = w[:, rows].double().T if transposed else w[rows].double()
+        return out if bias is None else torch.cat([out, bias[rows].double()[:, None]], 1)
+
+    def rows_of(rows: slice):
+        w0 = solved_rows(base_weight, base_bias, rows)
+        return [solved_rows(w, None if expert_biases is None else expert_biases[k], rows) - w0
+                for k, w in enumerate(expert_weights)]
+
+    new_w = torch.empty((m, d), dtype=base_weight.dtype, device=base_weight.device)
+    new_b = None if base_bias is None else torch.empty_like(base_bias)
+
+    def write(rows: slice, update: torch.Tensor) -> None:
+        update = update.double()
+        new_w[rows] = (solved_rows(base_weight, None, rows) + update[:, :d]).to(new_w.dtype)
+        if new_b is not None:
+            new_b[rows] = (base_bias[rows].double() + update[:, d]).to(new_b.dtype)
+
+    solved = full_update_by_rows(rows_of, m, grams[0].shape[0], grams, weights, float(settings.ridge), write,
+                                 block_rows)
+    return LinearSolution(new_w.T if transposed else new_w, new_b, solved)
 
 
 def _objective(update, deltas, grams, weights, unreachable, solved: Optional[Objective] = None) -> Objective:
@@ -241,9 +281,18 @@ def solve_embedding(base: torch.Tensor, experts: Sequence[torch.Tensor], stats: 
     """Each row the token-frequency-weighted average of the experts' rows (model dtype)."""
     if any(s.freq.shape[0] != base.shape[0] for s in stats):
         raise ProblemMismatch(f"token statistics for {stats[0].freq.shape[0]} rows, embedding has {base.shape[0]}")
-    deltas = [e.double() - base.double() for e in experts]
-    update = qp.rowwise_update(deltas, [s.freq.to(base.device, torch.float64) for s in stats], weights, float(ridge))
-    return (base.double() + update.to(base.device).double()).to(base.dtype)
+    counts = [s.freq.to(base.device, torch.float64) for s in stats]
+    lam = qp.rowwise_ridge(counts, weights, float(ridge))
+    out = torch.empty_like(base)
+    # Rows are independent given λ: blocks of rows keep the float64 copies small (a 128k-token
+    # vocabulary's m × d float64 buffers are 4 GB each at width 4096).
+    block = max(1, ROW_BLOCK_BYTES // (8 * base.shape[1]))
+    for start in range(0, base.shape[0], block):
+        rows = slice(start, start + block)
+        deltas = [e[rows].double() - base[rows].double() for e in experts]
+        update = qp.rowwise_update(deltas, [c[rows] for c in counts], weights, float(ridge), lam=lam)
+        out[rows] = (base[rows].double() + update.to(base.device).double()).to(base.dtype)
+    return out
 
 
 def fallback_update(base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Sequence[float], method: str,

@@ -78,14 +78,20 @@ def _validate(task_vectors, weights, ndim: int = 2, name: str = "task_vectors"):
     if first.dim() != ndim:
         raise ValueError(f"{name}[0] has shape {tuple(first.shape)}; expected {ndim} dimensions")
     vs = _seq(name, task_vectors, len(task_vectors), tuple(first.shape))
+    w, total = _weights(weights, len(vs))
+    return vs, w, total, first.device, tuple(first.shape)
+
+
+def _weights(weights, count: int):
+    """(normalised weights as floats, Σω) of K task weights, each finite and > 0."""
     w = [float(x) for x in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)]
-    if len(w) != len(vs):
-        raise ValueError(f"weights has {len(w)} entries; expected {len(vs)} (one per task vector)")
+    if len(w) != count:
+        raise ValueError(f"weights has {len(w)} entries; expected {count} (one per task vector)")
     for k, x in enumerate(w):
         if not (math.isfinite(x) and x > 0):
             raise ValueError(f"weights[{k}] = {x}; task weights must be finite and > 0")
     total = sum(w)
-    return vs, [x / total for x in w], total, first.device, tuple(first.shape)
+    return [x / total for x in w], total
 
 
 def _ridge(ridge) -> float:
@@ -109,17 +115,22 @@ def _out(t: torch.Tensor, device) -> torch.Tensor:
 # -- linear algebra ----------------------------------------------------------------------------
 def _solve_dev(A: torch.Tensor, R: torch.Tensor, lam: float, overwrite: bool = False) -> torch.Tensor:
     """X with X (A + λI) = R (rows of R; batched over leading dims), i.e. the minimiser of
-    tr(X A Xᵀ) − 2 tr(X Rᵀ) + λ‖X‖². Cholesky first; where it fails or a pivot is tiny
-    relative to its diagonal entry (a scale-invariant singularity test, so badly scaled but
-    well-posed Grams stay on the fast path) use the eigen pseudo-inverse: eigenvalues below
-    a relative tolerance count as zero, giving the minimum-norm X."""
+    tr(X A Xᵀ) − 2 tr(X Rᵀ) + λ‖X‖² (see _factorise)."""
+    return _factorise(A, lam, overwrite)(R)
+
+
+def _factorise(A: torch.Tensor, lam: float, overwrite: bool = False):
+    """A solver R ↦ X with X (A + λI) = R, factorising once (the blocked solves reuse it).
+    Cholesky first; where it fails or a pivot is tiny relative to its diagonal entry (a
+    scale-invariant singularity test, so badly scaled but well-posed Grams stay on the fast
+    path) the eigen pseudo-inverse: eigenvalues below a relative tolerance count as zero,
+    giving the minimum-norm X. `overwrite`: A is symmetric and the caller's to spend."""
     unbatched = A.dim() == 2
     if unbatched:
-        A, R = A[None], R[None]
+        A = A[None]
     n = A.shape[-1]
     if overwrite:
-        # A is symmetric (built so by _full_stats) and the caller's to spend: (A + Aᵀ)/2 is A
-        # exactly, and λI only moves the diagonal. Saves three d × d temporaries.
+        # (A + Aᵀ)/2 is A exactly, and λI only moves the diagonal: three d × d temporaries saved.
         H = A
         H.diagonal(dim1=-2, dim2=-1).add_(lam)
     else:
@@ -128,16 +139,24 @@ def _solve_dev(A: torch.Tensor, R: torch.Tensor, lam: float, overwrite: bool = F
     pivots = L.diagonal(dim1=-2, dim2=-1) ** 2
     ok = (info == 0) & (pivots > _pivot_tol(n) * H.diagonal(dim1=-2, dim2=-1)).all(-1)
     if bool(ok.all()):  # the usual case; no masked copies of (possibly large) H and L
-        X = torch.cholesky_solve(R.mT, L).mT
-    else:
+        def solve(R):
+            X = torch.cholesky_solve((R[None] if unbatched else R).mT, L).mT
+            return X[0] if unbatched else X
+        return solve
+    L_ok = L[ok] if bool(ok.any()) else None
+    mu, V = torch.linalg.eigh(H[~ok])
+    del H, L
+    keep = mu > _rtol(n) * mu.amax(-1, keepdim=True).clamp(min=0)
+    inv = torch.where(keep, 1 / torch.where(keep, mu, 1.0), 0.0)
+
+    def solve_any(R):
+        R = R[None] if unbatched else R
         X = torch.empty_like(R)
-        if bool(ok.any()):
-            X[ok] = torch.cholesky_solve(R[ok].mT, L[ok]).mT
-        mu, V = torch.linalg.eigh(H[~ok])
-        keep = mu > _rtol(n) * mu.amax(-1, keepdim=True).clamp(min=0)
-        inv = torch.where(keep, 1 / torch.where(keep, mu, 1.0), 0.0)
+        if L_ok is not None:
+            X[ok] = torch.cholesky_solve(R[ok].mT, L_ok).mT
         X[~ok] = ((R[~ok] @ V) * inv.unsqueeze(-2)) @ V.mT
-    return X[0] if unbatched else X
+        return X[0] if unbatched else X
+    return solve_any
 
 
 def _sqrt_factor(H: torch.Tensor) -> torch.Tensor:
@@ -232,9 +251,9 @@ def update_spectrum(task_vectors, grams, weights, ridge: float = 0.0) -> torch.T
 
 
 # -- diagonal / row-wise / feature-wise ----------------------------------------------------------
-def _diagonal_merge(vs, w, dev, diags, ridge, n, axis):
+def _diagonal_merge(vs, w, dev, diags, ridge, n, axis, lam=None):
     """Per column (axis=-1) or row (axis=0) i: (Σ ωk gki Δk + λ Δ̄) / (Σ ωk gki + λ),
-    λ = ridge · Σi Σk ωk gki / n; Δ̄ where the denominator vanishes."""
+    λ = ridge · Σi Σk ωk gki / n unless given; Δ̄ where the denominator vanishes."""
     def shaped(g):
         return g.unsqueeze(0) if axis == -1 else g.unsqueeze(-1)
     mean = sum(wk * _f64(v, dev) for wk, v in zip(w, vs))
@@ -244,7 +263,8 @@ def _diagonal_merge(vs, w, dev, diags, ridge, n, axis):
         gk = shaped(_f64(g, dev))
         num += wk * gk * _f64(v, dev)
         den += wk * gk
-    lam = _ridge(ridge) * float(den.sum()) / n
+    if lam is None:
+        lam = _ridge(ridge) * float(den.sum()) / n
     den = den + lam
     safe = torch.where(den > 0, den, 1.0)
     return torch.where(den > 0, (num + lam * mean) / safe, mean)
@@ -258,13 +278,22 @@ def diagonal_update(task_vectors, gram_diagonals, weights, ridge: float = 0.0) -
     return _out(_diagonal_merge(vs, w, dev, diags, ridge, d, -1), dev)
 
 
-def rowwise_update(task_vectors, row_counts, weights, ridge: float = 0.0) -> torch.Tensor:
+def rowwise_update(task_vectors, row_counts, weights, ridge: float = 0.0, lam: float | None = None) -> torch.Tensor:
     """Embeddings (one-hot inputs, so the Grams are diagonal over rows): row t of Δ* is
     (Σk ωk ckt Δk[t] + λ Δ̄[t]) / (Σk ωk ckt + λ), λ = ridge · Σt Σk ωk ckt / m, with ckt
-    the normalised frequency of token t for task k. Rows no task saw get Δ̄[t]."""
+    the normalised frequency of token t for task k. Rows no task saw get Δ̄[t]. Rows are
+    independent given λ: a caller solving a block of rows passes `lam` from every row's
+    counts (rowwise_ridge)."""
     vs, w, _, dev, (m, d) = _validate(task_vectors, weights)
     counts = _seq("row_counts", row_counts, len(vs), (m,), nonneg=True)
-    return _out(_diagonal_merge(vs, w, dev, counts, ridge, m, 0), dev)
+    return _out(_diagonal_merge(vs, w, dev, counts, ridge, m, 0, lam), dev)
+
+
+def rowwise_ridge(row_counts, weights, ridge: float) -> float:
+    """rowwise_update's λ over all rows: ridge · Σt Σk ωk ckt / m."""
+    w, _ = _weights(weights, len(row_counts))
+    total = sum(wk * float(_f64(c, c.device).sum()) for wk, c in zip(w, row_counts))
+    return _ridge(ridge) * total / row_counts[0].shape[0]
 
 
 def featurewise_affine_update(scale_deltas, bias_deltas, second_moments, first_moments, weights,

@@ -7,7 +7,6 @@ import torch
 
 import tiny_models
 from mergekit_qp.calibration.cache import CalibrationSettings, StatisticsCache
-from mergekit_qp.calibration.store import ModelStatistics
 
 
 @pytest.fixture(scope="module")
@@ -21,27 +20,34 @@ def request(cache, paths, root, expert="expert_a", calib="calib_a", **settings):
                                    CalibrationSettings(cache_dir=str(root / "stats"), **settings), torch.device("cpu"))
 
 
-def test_a_computed_pass_is_not_read_back(llama, monkeypatch):
+def test_statistics_are_computed_once_and_kept_as_a_shard_folder(llama, monkeypatch):
+    """One forward pass per expert: the layer-streamed pass writes a shard folder, the cache
+    serves it from memory while it holds it, and a later process reads the folder without
+    any forward pass."""
+    from mergekit_qp.calibration import cache as cache_module
+
     paths, root = llama
-    opened = []
-    real_open = ModelStatistics.open
-    monkeypatch.setattr(ModelStatistics, "open", staticmethod(lambda path: opened.append(path) or real_open(path)))
+    passes = []
+    real_pass = cache_module.streamed_statistics
+    monkeypatch.setattr(cache_module, "streamed_statistics", lambda *a, **k: passes.append(a[0]) or real_pass(*a, **k))
     cache = StatisticsCache()
     first = request(cache, paths, root, seed=7)
-    assert opened == [] and first.path is None  # in memory: the file was written, not read
-    files = list((root / "stats").glob("*.safetensors"))
-    assert len(files) == 1
+    assert len(passes) == 1
+    folders = [p for p in (root / "stats").iterdir() if p.is_dir()]
+    assert [str(f) for f in folders] == [first.path]
+    assert sorted(p.name for p in folders[0].iterdir()) == [
+        "layer-00000.safetensors", "layer-00001.safetensors", "outer.safetensors", "statistics.json"]
     assert request(cache, paths, root, seed=7) is first  # the same object while the cache holds it
 
-    other_process = StatisticsCache()  # a fresh cache (a later process) reads the file
+    other_process = StatisticsCache()  # a fresh cache (a later process) reads the folder
     from_disk = request(other_process, paths, root, seed=7)
-    assert opened == [str(files[0])]
+    assert len(passes) == 1 and from_disk is not first
     module = "model.layers.1.mlp.down_proj"
     assert torch.equal(from_disk.lookup(module).gram, first.lookup(module).gram)
 
     cache.clear()
     assert request(cache, paths, root, seed=7) is not first
-    assert len(opened) == 2
+    assert len(passes) == 1
 
 
 def test_forget_requests_rechecks_the_data(llama, tmp_path):

@@ -71,10 +71,11 @@ def test_a_pass_that_cannot_fit_is_refused_before_loading(llama, tmp_path, monke
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(cache, "load_model", no_load)
+    monkeypatch.setattr(cache, "streams", lambda config, model_dir: False)  # the whole-model pass
     settings = CalibrationSettings(cache_dir=str(tmp_path / "stats"))
     with pytest.raises(MemoryError) as error:
         StatisticsCache().expert_statistics(str(paths["expert_b"]), str(paths["base"]), str(paths["calib_b"]),
                                             settings, torch.device("cpu"))
     message = str(error.value)
     assert "expert_b" in message and "needs at least" in message and "0.0 GB is available RAM (test)" in message
-    assert not list((tmp_path / "stats").glob("*")) if (tmp_path / "stats").exists() else True
+    assert [p.suffix for p in (tmp_path / "stats").iterdir()] == [".lock"]  # nothing but the lock file

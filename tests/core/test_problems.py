@@ -8,7 +8,7 @@ import torch
 
 from mergekit_qp.core import problems, qp, svc
 from mergekit_qp.core.problems import Basis, SolveSettings
-from mergekit_qp.core.statistics import Accumulator, LinearStats
+from mergekit_qp.core.statistics import Accumulator, EmbeddingStats, LinearStats
 
 F64 = torch.float64
 
@@ -23,10 +23,13 @@ def stats_of(x, transposed=False):
     return LinearStats(gram=acc.second_moment(), mean=acc.mean(), transposed=transposed)
 
 
+@pytest.mark.parametrize("blocked", [False, True], ids=["direct", "blocks-of-2-rows"])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_weighted_joint_weight_and_bias_against_least_squares(transposed):
+def test_weighted_joint_weight_and_bias_against_least_squares(transposed, blocked, monkeypatch):
     """min Σk ωk/nk ‖[Xk, 1] (P − Pk)‖² with ωk = 0.3, 1.7 and no ridge, by lstsq on stacked
-    rows; weight and bias come back in the stored layout (Conv1D: in × out)."""
+    rows; weight and bias come back in the stored layout (Conv1D: in × out); solved directly
+    and in blocks of output rows (as output heads are), with the same objective."""
+    monkeypatch.setattr(problems, "solve_by_rows", lambda *args: 2 if blocked else 0)
     out_f, in_f = 5, 4
     w0, b0 = torch.randn(out_f, in_f, generator=gen(0), dtype=F64), torch.randn(out_f, generator=gen(1), dtype=F64)
     experts = [(w0 + 0.3 * torch.randn(out_f, in_f, generator=gen(2 + k), dtype=F64),
@@ -55,6 +58,30 @@ def test_weighted_joint_weight_and_bias_against_least_squares(transposed):
         assert solution.objective.energy_per_task[k] == pytest.approx(float((energy ** 2).sum()) / len(x), rel=1e-9)
     total = sum(om * j for om, j in zip(weights, solution.objective.per_task))
     assert solution.objective.total == pytest.approx(total, rel=1e-12)
+
+
+def test_row_blocks_are_taken_where_they_save_memory():
+    from mergekit_qp.core.objective import solve_by_rows
+
+    assert solve_by_rows(4096, 14336, 2) == 0  # a 7B down_proj: d × d Grams dominate
+    assert solve_by_rows(4096, 4096, 3) > 0  # q/k/v/o: 7 m × d buffers against 4 d × d
+    assert solve_by_rows(14336, 4096, 3) > 0  # gate/up
+    assert 256 <= solve_by_rows(128256, 4096, 3) < 128256  # Llama-3's output head
+
+
+@pytest.mark.parametrize("ridge", [0.0, 0.3])
+def test_embeddings_solved_in_blocks_of_rows_equal_the_whole_solve(ridge, monkeypatch):
+    """λ comes from every row's counts, so blocks of 3 rows give the whole solve's rows."""
+    m, d = 10, 4
+    base = torch.randn(m, d, generator=gen(40))
+    experts = [base + torch.randn(m, d, generator=gen(41 + k)) for k in range(2)]
+    freqs = [torch.rand(m, generator=gen(50 + k)) * (torch.arange(m) % 3 != k) for k in range(2)]
+    stats = [EmbeddingStats(f / f.sum()) for f in freqs]
+    monkeypatch.setattr(problems, "ROW_BLOCK_BYTES", 3 * 8 * d)
+    blocked = problems.solve_embedding(base, experts, stats, [1.0, 2.0], ridge)
+    whole = base.double() + qp.rowwise_update([e.double() - base.double() for e in experts],
+                                              [s.freq.double() for s in stats], [1.0, 2.0], ridge).double()
+    torch.testing.assert_close(blocked, whole.float(), rtol=0, atol=0)
 
 
 def test_unequal_weights_move_the_merge_towards_the_heavier_expert():

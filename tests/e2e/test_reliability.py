@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import tiny_models
+from mergekit_qp.calibration.store import ModelStatistics
 from test_end_to_end import executable
 
 SAMPLES, SEQ_LEN = 8, 16
@@ -49,9 +50,15 @@ def looks_complete(out: Path) -> bool:
 
 
 def cache_entries(cache: Path) -> dict:
-    """cache file name → metadata, for every statistics file (temporary files are listed too)."""
+    """cache entry name → metadata, for every statistics folder (the layer-streamed pass) or
+    file (temporary and partial ones are listed too; lock files are not entries)."""
     entries = {}
     for path in sorted(cache.iterdir()):
+        if path.suffix == ".lock":
+            continue
+        if path.is_dir():
+            entries[path.name] = json.loads((path / "statistics.json").read_text())["metadata"]
+            continue
         with safe_open(str(path), framework="pt") as f:
             entries[path.name] = f.metadata()
     return entries
@@ -391,7 +398,7 @@ def test_half_precision_checkpoints_accumulate_statistics_without_overflow(drive
     result, out, cache = driven["float16 overflow" if half == "float16" else "bfloat16"]
     assert result["ok"], result.get("traceback")
     biggest = 0.0
-    for path in cache.iterdir():
+    for path in cache.rglob("*.safetensors"):
         stats = load_file(str(path))
         assert all(torch.isfinite(t).all() for t in stats.values()), path
         biggest = max(biggest, max(float(t.abs().max()) for t in stats.values()))
@@ -411,19 +418,21 @@ def test_truncated_and_foreign_cache_entries_are_recomputed(driven, world, tmp_p
     cache = tmp_path / "cache"
     shutil.copytree(reference_cache, cache)
     entry_a, entry_b = entry_of(cache, world["expert_a"]), entry_of(cache, world["expert_b"])
-    sound_a = entry_a.read_bytes()
-    entry_a.write_bytes(sound_a[: len(sound_a) // 2])
-    entry_b.write_bytes(sound_a)  # expert_a's statistics under expert_b's key
+    shard = entry_a / "layer-00001.safetensors"
+    sound = shard.read_bytes()
+    shard.write_bytes(sound[: len(sound) // 2])
+    shutil.rmtree(entry_b)
+    shutil.copytree(reference_cache / entry_a.name, entry_b)  # expert_a's statistics under expert_b's key
     config = config_file(tmp_path / "c.yml", world)  # the reference's config
     result = mergekit_yaml(config, tmp_path / "out", cache)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"ignoring unusable cache file (cannot read statistics file {entry_a}" in result.stderr
+    assert f"ignoring unusable cache file (cannot read statistics folder {entry_a}" in result.stderr
     assert f"{entry_b} holds statistics of another model" in result.stderr
     reference, again = written(reference_out), written(tmp_path / "out")
     assert all(torch.equal(reference[k], again[k]) for k in reference)
     entries = cache_entries(cache)
     assert sorted(entries) == sorted([entry_a.name, entry_b.name])
-    assert {meta["cache_key"] + ".safetensors" for meta in entries.values()} == set(entries)
+    assert {meta["cache_key"] for meta in entries.values()} == set(entries)
 
 
 def test_stale_cache_entries_are_not_reused(driven, world, tmp_path):
@@ -443,7 +452,7 @@ def test_stale_cache_entries_are_not_reused(driven, world, tmp_path):
                          calibration={1: calib_b})
     first = mergekit_yaml(config, tmp_path / "first", cache)
     assert first.returncode == 0, first.stderr[-3000:]
-    before = {p.name for p in cache.iterdir()}
+    before = set(cache_entries(cache))
     # Now change both after their statistics were cached.
     weights = load_file(str(expert / "model.safetensors"))
     weights["model.layers.1.self_attn.o_proj.weight"] *= 0.5
@@ -454,7 +463,7 @@ def test_stale_cache_entries_are_not_reused(driven, world, tmp_path):
     result = mergekit_yaml(config, tmp_path / "out", cache)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "output_qp statistics expert_a" in result.stderr and "output_qp statistics expert_b" in result.stderr
-    assert len({p.name for p in cache.iterdir()} - before) == 2
+    assert len(set(cache_entries(cache)) - before) == 2
 
     settings = CalibrationSettings(samples=SAMPLES, seq_len=SEQ_LEN, cache_dir=str(tmp_path / "fresh"))
     stats = [expert_statistics(str(e), str(world["base"]), str(c), settings, torch.device("cpu"))
@@ -478,8 +487,9 @@ def test_two_merges_sharing_one_empty_cache_at_once(driven, world, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errors]
     one, two, reference = written(tmp_path / "out0"), written(tmp_path / "out1"), written(driven["reference"][1])
     assert all(torch.equal(one[k], two[k]) and torch.equal(one[k], reference[k]) for k in one)
-    entries = cache_entries(cache)  # reads every file: no temporary or half-written file is left
-    assert len(entries) == 2 and all(name == meta["cache_key"] + ".safetensors" for name, meta in entries.items())
+    entries = cache_entries(cache)  # reads every entry: no temporary, partial or half-written one is left
+    assert len(entries) == 2 and all(name == meta["cache_key"] for name, meta in entries.items())
+    assert all(ModelStatistics.open(str(cache / name)).lookup("model.layers.1.mlp.down_proj") for name in entries)
 
 
 # -- faults ---------------------------------------------------------------------------------
@@ -552,6 +562,7 @@ def test_full_disk_while_writing_the_cache_names_the_cache_file(world, tmp_path)
     cache, out = tmp_path / "cache", tmp_path / "out"
     result = mergekit_yaml(config, out, cache, preexec_fn=_file_size_limit(20_000))
     assert result.returncode != 0
-    assert "cannot write the statistics of" in result.stderr and f"to the cache file {cache}/" in result.stderr
+    assert "cannot write the statistics of" in result.stderr and f"to the cache folder {cache}/" in result.stderr
     assert not out.exists()
-    assert not list(cache.iterdir())  # no half-written entry for a later merge to pick up
+    # no half-written entry for a later merge to pick up (a lock file is no entry)
+    assert not [p for p in cache.iterdir() if p.suffix != ".lock"]

@@ -103,8 +103,8 @@ def test_sharded_experts_merge_as_single_files_do(llama, tmp_path):
 
 
 def test_device_and_trust_remote_code_reach_the_calibration_pass(llama, tmp_path, monkeypatch):
-    """mergekit's --device and --trust-remote-code are what the statistics pass loads models
-    with (recorded by wrapping the loader)."""
+    """mergekit's --device and --trust-remote-code are what the statistics pass runs with
+    (recorded by wrapping the layer-streamed pass and the configuration reader before it)."""
     paths, _ = llama
     from mergekit.scripts.run_yaml import main
 
@@ -112,20 +112,25 @@ def test_device_and_trust_remote_code_reach_the_calibration_pass(llama, tmp_path
     from mergekit_qp.calibration import cache
 
     seen = []
-    original = cache.load_model
+    original_check, original_pass = cache.check_streamed_fits, cache.streamed_statistics
 
-    def recording(model_dir, device, trust_remote_code=False):
-        seen.append((str(device), trust_remote_code))
-        return original(model_dir, device, trust_remote_code)
+    def check(model_dir, device, tokens, max_batch_tokens, seq_len, trust_remote_code=False):
+        seen.append(("trust_remote_code", trust_remote_code))
+        return original_check(model_dir, device, tokens, max_batch_tokens, seq_len, trust_remote_code)
 
-    monkeypatch.setattr(cache, "load_model", recording)
+    def run(model_dir, config, batches, device, folder, **kwargs):
+        seen.append(("device", str(device)))
+        return original_pass(model_dir, config, batches, device, folder, **kwargs)
+
+    monkeypatch.setattr(cache, "check_streamed_fits", check)
+    monkeypatch.setattr(cache, "streamed_statistics", run)
     cache.STATISTICS.clear()  # earlier tests' statistics of the same experts are held in memory
     mergekit_qp.register()
     config = tiny_models.write_config(tmp_path / "c.yml", paths, "output_qp")
     result = CliRunner().invoke(main, [str(config), str(tmp_path / "out"), "--device", "cpu", "--trust-remote-code"],
                                 env={"MERGEKIT_QP_CACHE": str(tmp_path / "cache")})
     assert result.exit_code == 0, result.output
-    assert seen == [("cpu", True), ("cpu", True)]
+    assert seen == [("trust_remote_code", True), ("device", "cpu")] * 2
 
 
 def test_filtered_basis_and_ridge_apply_per_tensor(llama, tmp_path):
