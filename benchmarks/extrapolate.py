@@ -75,7 +75,7 @@ def main() -> None:
     lines = ["# Extrapolation: output_qp on 7B–70B models (arithmetic from measured constants)", "",
              f"`python benchmarks/extrapolate.py` — three experts, {TOKENS} calibration tokens each (128 × 512), "
              "full basis, independent mode. **Arithmetic, not measurement**: model shapes and the constants measured "
-             f"on this machine with one thread — statistics pass {pass_rate / 1e9:.1f} G multiply-add-pairs/s "
+             f"on this machine with one thread — statistics pass {pass_rate / 1e9:.1f} GFLOP/s "
              f"(`scale-quarter.json`, {layers} layers), float64 solve {f64_rate / 1e9:.1f} GFLOP/s "
              "(`solve_memory.json`, the 7B down_proj), process baseline 0.6 GB. See docs/scale.md for the model.",
              "", "| model | peak RAM (GB) | statistics pass (GB) | widest solve with inputs (GB) | "

@@ -13,6 +13,10 @@ from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, P
 
 # Decoder architectures besides Llama with the same tiny shape (sequential merging supports them).
 DECODERS = {"mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+# Architectures the layer-streamed statistics pass runs besides (config class, extra settings).
+STATISTICS_ONLY = {"phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),
+                   "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8}),
+                   "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 8})}
 
 WORDS = [f"w{i}" for i in range(60)]
 
@@ -45,6 +49,9 @@ def make_model(kind: str, vocab_size: int, init_range: float = 0.02):
     shape = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
                  initializer_range=init_range)
+    if kind in STATISTICS_ONLY:
+        config_class, model_class, extra = STATISTICS_ONLY[kind]
+        return getattr(transformers, model_class)(getattr(transformers, config_class)(**shape, **extra))
     if kind in DECODERS:
         prefix = DECODERS[kind]
         extra = {"head_dim": 8} if kind == "qwen3" else {}

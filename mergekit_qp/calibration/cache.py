@@ -23,7 +23,7 @@ from .collector import StatisticsCollector
 from .data import CalibrationError, CalibrationSource, batches, calibration_fingerprint, load_records, \
     tokenize_calibration
 from .layers import SequentialUnsupported
-from .memory import check_pass_fits, check_streamed_fits
+from .memory import check_pass_fits, plan_streamed_pass
 from .models import load_model, load_tokenizer, local_model_path, output_head, tokenizer_fingerprint
 from .store import FORMAT_VERSION as STATISTICS_FORMAT
 from .store import INDEX_FILE, ModelStatistics, StatisticsError, files_fingerprint, fingerprint, save_statistics, \
@@ -169,10 +169,12 @@ def compute_statistics(model_dir: str, base_dir: str, source: CalibrationSource,
                        device: torch.device, trust_remote_code: bool = False,
                        description: Optional[Dict[str, str]] = None, folder: Optional[str] = None,
                        resume_every: Optional[float] = 120.0,
-                       after_layer: Optional[Callable[[int], None]] = None) -> ModelStatistics:
+                       after_layer: Optional[Callable[[int], None]] = None,
+                       spill: Optional[bool] = None) -> ModelStatistics:
     """The expert's statistics on its calibration data: layer by layer into the shard folder
     `folder` where the architecture has a layer adapter (calibration/streamed.py), else one
-    whole-model forward pass with the hook collector, refused first if it cannot fit."""
+    whole-model forward pass with the hook collector, refused first if it cannot fit. `spill`:
+    keep the layer-streamed pass's hidden states on disk (None: when memory asks for it)."""
     import transformers
 
     tokenizer = load_tokenizer(base_dir, trust_remote_code)
@@ -197,10 +199,15 @@ def compute_statistics(model_dir: str, base_dir: str, source: CalibrationSource,
                    **{k: str(v) for k, v in asdict(settings).items()}}
     batch_list = list(batches(sequences, max_tokens=settings.max_batch_tokens, pad_id=pad_id))
     if folder is not None and streams(config, model_dir):
-        check_streamed_fits(model_dir, device, total, settings.max_batch_tokens, settings.seq_len, trust_remote_code)
+        _, needs_spill = plan_streamed_pass(model_dir, device, total, settings.max_batch_tokens, settings.seq_len,
+                                            trust_remote_code)
+        spill = needs_spill if spill is None else spill
+        if spill:
+            LOG.info("output_qp: the hidden states of %d calibration tokens are kept on disk in %s.partial", total,
+                     folder)
         try:
             streamed_statistics(model_dir, config, batch_list, device, folder, description=description,
-                                resume_every=resume_every, after_layer=after_layer)
+                                resume_every=resume_every, after_layer=after_layer, spill=spill)
             return ModelStatistics.open(folder)
         except StatisticsError as error:
             raise StatisticsError(f"{error} (calibration data '{source.path}')") from None

@@ -79,11 +79,19 @@ class StreamedPassMemory:
     outer_bytes: int  # embeddings, final norm and output head in float32
     hidden_bytes: int  # every calibration token's hidden state, a layer's inputs and outputs
     activation_bytes: int  # one batch inside a layer
+    batch_hidden_bytes: int = 0  # one batch's hidden states, inputs and outputs (spilled: all that is held)
 
     @property
     def total(self) -> int:
-        return max(self.layer_bytes + self.statistics_bytes, self.outer_bytes) + self.hidden_bytes \
-            + self.activation_bytes
+        return self._with(self.hidden_bytes)
+
+    @property
+    def spilled_total(self) -> int:
+        """With the hidden states spilled to disk, one batch's held at a time."""
+        return self._with(self.batch_hidden_bytes)
+
+    def _with(self, hidden: int) -> int:
+        return max(self.layer_bytes + self.statistics_bytes, self.outer_bytes) + hidden + self.activation_bytes
 
 
 def predict_streamed_memory(model_dir: str, tokens: int, max_batch_tokens: int, seq_len: int,
@@ -92,28 +100,35 @@ def predict_streamed_memory(model_dir: str, tokens: int, max_batch_tokens: int, 
     from .layers import Backbone
 
     config, model = _meta_model(model_dir, trust_remote_code)
-    layers = Backbone(config).layers
+    layers = Backbone(config, sequential=False).layers
     per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
     outer = sum(p.numel() for p in model.parameters()) - sum(per_layer)
     grams = max((sum(12 * d * d for d in _input_widths(layer)) for layer in layers), default=0)
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
     return StreamedPassMemory(layer_bytes=4 * max(per_layer, default=0), statistics_bytes=grams,
                               outer_bytes=4 * outer, hidden_bytes=2 * 4 * tokens * hidden,
-                              activation_bytes=_activations(config, max_batch_tokens, seq_len))
+                              activation_bytes=_activations(config, max_batch_tokens, seq_len),
+                              batch_hidden_bytes=2 * 4 * min(tokens, max_batch_tokens) * hidden)
 
 
-def check_streamed_fits(model_dir: str, device: torch.device, tokens: int, max_batch_tokens: int, seq_len: int,
-                        trust_remote_code: bool = False) -> StreamedPassMemory:
-    """Refuse, before loading anything, a layer-streamed pass that cannot fit."""
+def plan_streamed_pass(model_dir: str, device: torch.device, tokens: int, max_batch_tokens: int, seq_len: int,
+                       trust_remote_code: bool = False) -> Tuple[StreamedPassMemory, bool]:
+    """The layer-streamed pass's memory and whether its hidden states spill to disk: they do
+    when, held in memory, they would take more than half of what the rest of the pass leaves
+    free. Refused, before anything is loaded, when even spilled it cannot fit."""
     need = predict_streamed_memory(model_dir, tokens, max_batch_tokens, seq_len, trust_remote_code)
+    free, _ = available_memory(device)
+    spill = need.hidden_bytes > max(free - (need.total - need.hidden_bytes), 0) / 2
     _refuse_above_free(
-        need.total, device, f"the layer-by-layer statistics pass over {model_dir!r}",
+        need.spilled_total if spill else need.total, device, f"the layer-by-layer statistics pass over {model_dir!r}",
         f"one layer in float32 {need.layer_bytes / GB:.1f} GB, its Gram sums {need.statistics_bytes / GB:.1f} GB, "
-        f"weights outside the layers {need.outer_bytes / GB:.1f} GB, hidden states of {tokens} calibration tokens "
-        f"{need.hidden_bytes / GB:.1f} GB, activations {need.activation_bytes / GB:.1f} GB",
-        "use fewer calibration tokens (calibration_samples, calibration_seq_len) or a device with more memory "
+        f"weights outside the layers {need.outer_bytes / GB:.1f} GB, "
+        + (f"one batch's hidden states {need.batch_hidden_bytes / GB:.1f} GB (the rest spilled to disk)" if spill
+           else f"hidden states of {tokens} calibration tokens {need.hidden_bytes / GB:.1f} GB")
+        + f", activations {need.activation_bytes / GB:.1f} GB",
+        "run it on a machine or device with more memory (mergekit's --device)" if spill else "use fewer calibration tokens (calibration_samples, calibration_seq_len) or a device with more memory "
         "(mergekit's --device)")
-    return need
+    return need, spill
 
 
 def _refuse_above_free(total: int, device: torch.device, what_runs: str, parts: str, way_out: str) -> None:

@@ -8,7 +8,7 @@ hook collector attached (the same accumulator and the same shared-input rule as 
 pass), its statistics are written as one shard, and its outputs become the next layer's inputs.
 Last, the model's own code runs what follows the layers (final norm, output head's input) on
 the last layer's outputs. Held at any time: one layer in float32, its float64 sums, and the
-hidden states of the calibration tokens.
+hidden states of the calibration tokens (or, spilled to disk, one batch's).
 
 Shards go into `<folder>.partial/`; the folder gets its final name when the index is written,
 so a reader never sees a half-made folder. With `resume_every` seconds between them, the
@@ -32,8 +32,8 @@ from torch import nn
 
 from .checkpoint import Checkpoint
 from .collector import StatisticsCollector
-from .layers import ARCHITECTURES, Backbone, Batch, SequentialUnsupported, TailStub, layer_local_name, \
-    recording_stubs
+from .layers import ARCHITECTURES, STATISTICS_ONLY, Backbone, Batch, SequentialUnsupported, TailStub, \
+    layer_local_name, recording_stubs
 from .models import output_head
 from .store import StatisticsError, save_tensors, statistics_metadata, write_index
 
@@ -41,6 +41,7 @@ LOG = logging.getLogger("mergekit_qp")
 
 OUTER_FILE = "outer.safetensors"
 RESUME_FILE = "resume.safetensors"
+SPILL_MARKER = "hidden.json"  # the finished generation of spilled hidden states
 
 
 def layer_file(index: int) -> str:
@@ -52,7 +53,7 @@ def streams(config, model_dir: str) -> bool:
     safetensors checkpoint (anything else takes the guarded whole-model pass)."""
     has_safetensors = any(os.path.exists(os.path.join(model_dir, f))
                           for f in ("model.safetensors", "model.safetensors.index.json"))
-    return getattr(config, "model_type", None) in ARCHITECTURES and has_safetensors
+    return getattr(config, "model_type", None) in {**ARCHITECTURES, **STATISTICS_ONLY} and has_safetensors
 
 
 class _Weights:
@@ -94,15 +95,17 @@ def _prefixed(collector: StatisticsCollector, tensors: Dict[str, torch.Tensor], 
 @torch.no_grad()
 def streamed_statistics(model_dir: str, config, batches: Sequence, device: torch.device, folder: str, *,
                         description: Dict[str, str], resume_every: Optional[float] = 120.0,
-                        after_layer: Optional[Callable[[int], None]] = None) -> str:
+                        after_layer: Optional[Callable[[int], None]] = None, spill: bool = False) -> str:
     """Compute the statistics of `model_dir` on `batches` of (input_ids, mask) into `folder` (a
     shard folder, see store.py) and return it. `resume_every`: seconds between saves of the
     hidden states (None: never; 0: after every layer). `after_layer(index)` is called as each
-    layer's shard is written."""
+    layer's shard is written. `spill`: keep the hidden states on disk beside the shards, one
+    batch in memory at a time (for calibration sets whose hidden states do not fit)."""
     partial = folder + ".partial"
     os.makedirs(partial, exist_ok=True)
     try:
-        return _run(model_dir, config, batches, device, folder, partial, description, resume_every, after_layer)
+        return _run(model_dir, config, batches, device, folder, partial, description, resume_every, after_layer,
+                    spill)
     except Exception:
         # An error (bad weights, a failed write) would recur on resuming: leave nothing behind.
         # A kill, or Ctrl-C, keeps the folder, to resume from.
@@ -111,53 +114,57 @@ def streamed_statistics(model_dir: str, config, batches: Sequence, device: torch
 
 
 def _run(model_dir, config, batches, device, folder: str, partial: str, description, resume_every,
-         after_layer) -> str:
+         after_layer, spill: bool) -> str:
     from tqdm.auto import tqdm
 
-    backbone = Backbone(config)
+    backbone = Backbone(config, sequential=False)
     weights = _Weights(model_dir)
+    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    hidden = HiddenStates(partial, [tuple(mask.shape) + (width,) for _, mask in batches], spill)
+    first = hidden.resume(backbone.num_layers)
 
     # Embeddings: the model's own code, with stand-ins recording each layer's arguments.
     sink: List = []
     model, layers_path = backbone.outer_model(weights.outer, device, recording_stubs(backbone.num_layers, sink))
     outer = StatisticsCollector(model, hook=lambda name: not name.startswith(layers_path + "."))
     states: List[Batch] = []
-    for input_ids, mask in batches:
+    for b, (input_ids, mask) in enumerate(batches):
         sink.clear()
         outer.observe(input_ids.to(device), mask.to(device))
         if len(sink) != backbone.num_layers:
             raise SequentialUnsupported(f"output_qp: {model_dir!r}: the model did not call each of its layers once")
-        states.append(Batch(hidden=sink[0][0].float(), mask=mask.bool().to(device),
+        if first == 0:
+            hidden.write(b, sink[0][0].float())
+        states.append(Batch(hidden=None, mask=mask.bool().to(device),
                             layer_arguments=[arguments for _, arguments in sink]))
     sink.clear()
+    if first == 0:
+        hidden.advance(0)
     before = outer.tensors()
     aliases, transposed = dict(outer.aliases), list(outer.transposed)
     seen = {key.split("/")[1] for key in before} | set(outer.aliases)
     outer.close()
     del model
 
-    first = _resume(partial, states, backbone.num_layers)
     last_save = time.monotonic()
     bar = tqdm(total=backbone.num_layers, initial=first, unit="layer",
                desc=f"output_qp statistics {os.path.basename(model_dir.rstrip('/'))}")
     for index in range(first, backbone.num_layers):
         layer = backbone.layer(index, weights.layer(index), device)
         collector = StatisticsCollector(layer)
-        outputs = []
-        for state in states:
-            out = collector.run(state.mask, lambda: state.call(layer, index))
-            outputs.append((out[0] if isinstance(out, (tuple, list)) else out).float())
+        for b, state in enumerate(states):
+            x = hidden.read(b, device)
+            out = collector.run(state.mask, lambda: state.call(layer, index, x))
+            hidden.write(b, (out[0] if isinstance(out, (tuple, list)) else out).float())
+            del x, out
         collector.close()
         named, layer_aliases, layer_transposed = _prefixed(collector, collector.tensors(), f"{layers_path}.{index}.")
         _save(model_dir, partial, layer_file(index), named,
               {"aliases": json.dumps(layer_aliases), "transposed": json.dumps(layer_transposed)})
         del layer, collector, named
-        for state, out in zip(states, outputs):
-            state.hidden = out
-        del outputs
-        if resume_every is not None and time.monotonic() - last_save >= resume_every:
-            _save(model_dir, partial, RESUME_FILE, {f"hidden/{b}": s.hidden for b, s in enumerate(states)},
-                  {"next_layer": str(index + 1)})
+        hidden.advance(index + 1)  # spilled: a resume point after every layer
+        if not spill and resume_every is not None and time.monotonic() - last_save >= resume_every:
+            hidden.save_resume_point(index + 1)
             last_save = time.monotonic()
         bar.update(1)
         if after_layer is not None:
@@ -170,15 +177,16 @@ def _run(model_dir, config, batches, device, folder: str, partial: str, descript
     model, _ = backbone.outer_model(weights.outer, device, stubs)
     tail = StatisticsCollector(model, stop_after=output_head(model),
                                hook=lambda name: name not in seen and not name.startswith(layers_path + "."))
-    for (input_ids, mask), state in zip(batches, states):
-        last[:] = [state.hidden]
+    for b, (input_ids, mask) in enumerate(batches):
+        last[:] = [hidden.read(b, device)]
         tail.observe(input_ids.to(device), mask.to(device))
+    last.clear()
     tail.close()
     after = tail.tensors()
     aliases.update(tail.aliases)
     transposed += tail.transposed
     base_model_prefix = getattr(model, "base_model_prefix", "") or ""
-    del model, states
+    del model, states, hidden
     for key, value in {**before, **after}.items():
         if not torch.isfinite(value).all():
             raise StatisticsError(f"output_qp: model {model_dir!r}: non-finite calibration statistics for "
@@ -186,6 +194,101 @@ def _run(model_dir, config, batches, device, folder: str, partial: str, descript
     _save(model_dir, partial, OUTER_FILE, {**before, **after})
     return _finish(partial, folder, backbone.num_layers, aliases, transposed, base_model_prefix,
                    tokens=sum(int(mask.sum()) for _, mask in batches), description=description)
+
+
+class HiddenStates:
+    """The calibration hidden states between layers, per batch: in memory, or spilled to the
+    partial folder, one file per batch, in two generations (a layer reads one and writes the
+    other; a marker naming the finished one is a resume point, after every layer)."""
+
+    def __init__(self, partial: str, shapes: List[tuple], spill: bool):
+        self.partial, self.shapes, self.spill = partial, shapes, spill
+        self.current: List[Optional[torch.Tensor]] = [None] * len(shapes)
+        self.next: List[Optional[torch.Tensor]] = [None] * len(shapes)
+        self.generation = 0
+
+    def _path(self, generation: int, b: int) -> str:
+        return os.path.join(self.partial, f"hidden-{generation}", f"{b:05d}.safetensors")
+
+    def read(self, b: int, device) -> torch.Tensor:
+        if not self.spill:
+            return self.current[b]
+        with safe_open(self._path(self.generation, b), framework="pt") as f:
+            return f.get_tensor("hidden").to(device)
+
+    def write(self, b: int, tensor: torch.Tensor) -> None:
+        """Batch b's input to the next layer."""
+        if not self.spill:
+            self.next[b] = tensor
+            return
+        try:
+            save_tensors(self._path(1 - self.generation, b), {"hidden": tensor.cpu()})
+        except Exception as error:
+            raise StatisticsError(f"output_qp: cannot spill hidden states to {self.partial}: {error} (free space "
+                                  "there, or set cache_dir / MERGEKIT_QP_CACHE to another folder)") from error
+
+    def advance(self, next_layer: int) -> None:
+        """Every batch written: the outputs become the inputs."""
+        if not self.spill:
+            self.current, self.next = self.next, [None] * len(self.shapes)
+            return
+        self.generation = 1 - self.generation
+        if next_layer > 0:
+            _write_json(os.path.join(self.partial, SPILL_MARKER), {"next_layer": next_layer,
+                                                                   "generation": self.generation})
+
+    def save_resume_point(self, next_layer: int) -> None:
+        """In memory: the hidden states beside the shards, for a killed pass to resume from."""
+        save_tensors(os.path.join(self.partial, RESUME_FILE),
+                     {f"hidden/{b}": t for b, t in enumerate(self.current)}, {"next_layer": str(next_layer)})
+
+    def resume(self, num_layers: int) -> int:
+        """The first layer still to run: after the last resume point of a killed pass, if it fits
+        these batches and every shard before it is there; else 0."""
+        try:
+            first, hidden = self._saved()
+        except Exception as error:  # unreadable, or from other batches: start again
+            LOG.warning("output_qp: not resuming the statistics pass in %s (%s)", self.partial, error)
+            return 0
+        shards = all(os.path.exists(os.path.join(self.partial, layer_file(i))) for i in range(first))
+        if not (shards and 0 < first <= num_layers):
+            LOG.warning("output_qp: not resuming the statistics pass in %s (its shards are not all there)", self.partial)
+            return 0
+        if hidden is not None:
+            self.current = hidden
+        LOG.info("output_qp: resuming the statistics pass at layer %d from %s", first, self.partial)
+        return first
+
+    def _saved(self):
+        if self.spill:
+            marker = os.path.join(self.partial, SPILL_MARKER)
+            if not os.path.exists(marker):
+                return 0, None
+            with open(marker) as fp:
+                saved = json.load(fp)
+            self.generation = int(saved["generation"])
+            for b, shape in enumerate(self.shapes):
+                with safe_open(self._path(self.generation, b), framework="pt") as f:
+                    if tuple(f.get_slice("hidden").get_shape()) != shape:
+                        raise ValueError(f"batch {b} has another shape")
+            return int(saved["next_layer"]), None
+        path = os.path.join(self.partial, RESUME_FILE)
+        if not os.path.exists(path):
+            return 0, None
+        with safe_open(path, framework="pt") as saved:
+            if set(saved.keys()) != {f"hidden/{b}" for b in range(len(self.shapes))}:
+                raise ValueError("another number of batches")
+            hidden = [saved.get_tensor(f"hidden/{b}") for b in range(len(self.shapes))]
+            if any(tuple(h.shape) != shape for h, shape in zip(hidden, self.shapes)):
+                raise ValueError("batches of other shapes")
+            return int((saved.metadata() or {})["next_layer"]), hidden
+
+
+def _write_json(path: str, value) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fp:
+        json.dump(value, fp)
+    os.replace(tmp, path)
 
 
 def _save(model_dir: str, partial: str, name: str, tensors: Dict[str, torch.Tensor],
@@ -208,8 +311,12 @@ def _finish(partial: str, folder: str, num_layers: int, aliases: Dict[str, str],
             meta = shard.metadata() or {}
         aliases.update(json.loads(meta.get("aliases", "{}")))
         transposed += json.loads(meta.get("transposed", "[]"))
-    if os.path.exists(os.path.join(partial, RESUME_FILE)):
-        os.remove(os.path.join(partial, RESUME_FILE))
+    for leftover in (RESUME_FILE, SPILL_MARKER, "hidden-0", "hidden-1"):  # resume points
+        path = os.path.join(partial, leftover)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
     metadata = statistics_metadata(aliases=aliases, transposed=transposed, tokens=tokens,
                                    base_model_prefix=base_model_prefix, description=description)
     write_index(partial, metadata, files)
@@ -220,29 +327,3 @@ def _finish(partial: str, folder: str, num_layers: int, aliases: Dict[str, str],
             raise
         shutil.rmtree(partial, ignore_errors=True)
     return folder
-
-
-def _resume(partial: str, states: List[Batch], num_layers: int) -> int:
-    """The first layer still to run: after the saved hidden states of a killed pass, if they fit
-    these batches and every shard before them is there; else 0."""
-    path = os.path.join(partial, RESUME_FILE)
-    if not os.path.exists(path):
-        return 0
-    try:
-        with safe_open(path, framework="pt") as saved:
-            first = int((saved.metadata() or {})["next_layer"])
-            hidden = [saved.get_tensor(f"hidden/{b}") for b in range(len(states))]
-            if set(saved.keys()) != {f"hidden/{b}" for b in range(len(states))}:
-                raise ValueError("another number of batches")
-    except Exception as error:  # unreadable, or from other batches: start again
-        LOG.warning("output_qp: not resuming from %s (%s)", path, error)
-        return 0
-    shapes_fit = all(h.shape == s.hidden.shape for h, s in zip(hidden, states))
-    shards = all(os.path.exists(os.path.join(partial, layer_file(i))) for i in range(first))
-    if not (shapes_fit and shards and 0 < first <= num_layers):
-        LOG.warning("output_qp: not resuming from %s (it does not fit the shards or batches there)", path)
-        return 0
-    for state, h in zip(states, hidden):
-        state.hidden = h.to(state.hidden.device)
-    LOG.info("output_qp: resuming the statistics pass at layer %d from %s", first, path)
-    return first

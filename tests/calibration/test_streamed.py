@@ -4,6 +4,7 @@ flat in depth and refused before anything is read; the whole-model pass kept for
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import tiny_models
 from mergekit_qp.calibration import cache, memory, streamed
 from mergekit_qp.calibration.cache import CalibrationSettings, compute_statistics
 from mergekit_qp.calibration.data import CalibrationSource
-from mergekit_qp.calibration.layers import ARCHITECTURES
+from mergekit_qp.calibration.layers import ARCHITECTURES, STATISTICS_ONLY
 from mergekit_qp.calibration.store import ModelStatistics
 
 SETTINGS = CalibrationSettings(samples=8, seq_len=16, max_batch_tokens=40)  # several padded batches
@@ -38,10 +39,11 @@ def assert_same(a: ModelStatistics, b: ModelStatistics, exact: bool = False):
             assert ((x - y).abs().max() / scale).item() < 1e-6, key
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gpt2", "bert"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gpt2", "bert", "phi3", "gemma2", "gemma3_text"])
 def test_streamed_statistics_equal_the_whole_model_pass(kind, tmp_path):
     paths = tiny_models.build(kind, tmp_path / "m")
-    assert transformers.AutoConfig.from_pretrained(str(paths["base"])).model_type in ARCHITECTURES
+    assert transformers.AutoConfig.from_pretrained(str(paths["base"])).model_type in {**ARCHITECTURES,
+                                                                                       **STATISTICS_ONLY}
     whole = statistics(paths)  # no folder: the whole-model pass
     assert whole.path is None
     layered = statistics(paths, tmp_path / "shards")
@@ -101,6 +103,52 @@ def test_a_pass_without_saved_hidden_states_or_with_unusable_ones_starts_again(l
     assert ran == [0, 1]
 
 
+def test_spilled_hidden_states_give_the_same_statistics_and_resume_after_every_layer(llama, tmp_path):
+    """Spilled: the hidden states live in the partial folder, one file per batch and layer
+    generation; the statistics are bit-identical to the in-memory pass; a kill resumes after
+    the last finished layer."""
+    seen = []
+
+    def kill_after_first(index):
+        partial = tmp_path / "stats.partial"
+        seen.append(sorted(p.name for p in partial.iterdir()))
+        if index == 0:
+            raise Killed
+
+    with pytest.raises(Killed):
+        statistics(llama, tmp_path / "stats", spill=True, after_layer=kill_after_first)
+    assert seen == [["hidden-0", "hidden-1", "hidden.json", "layer-00000.safetensors"]]
+    batches = len(list((tmp_path / "stats.partial" / "hidden-0").iterdir()))
+    assert batches > 1  # several batches, one file each
+    ran = []
+    spilled = statistics(llama, tmp_path / "stats", spill=True, after_layer=ran.append)
+    assert ran == [1]
+    assert sorted(os.listdir(tmp_path / "stats")) == [
+        "layer-00000.safetensors", "layer-00001.safetensors", "outer.safetensors", "statistics.json"]
+    assert_same(spilled, statistics(llama, tmp_path / "in-memory", resume_every=None), exact=True)
+
+
+def test_hidden_states_spill_when_they_would_not_fit_and_the_pass_is_refused_when_nothing_would(
+        llama, tmp_path, monkeypatch):
+    settings = CalibrationSettings(samples=8, seq_len=16, max_batch_tokens=40, cache_dir=str(tmp_path / "c"))
+    tokens = 8 * 16
+    need = memory.predict_streamed_memory(str(llama["expert_a"]), tokens, 40, 16)
+    assert need.spilled_total < need.total
+    calls = []
+    real = cache.streamed_statistics
+    monkeypatch.setattr(cache, "streamed_statistics", lambda *a, **k: calls.append(k["spill"]) or real(*a, **k))
+    for free, spilled in ((10 * need.total, False), (need.spilled_total + 1, True)):
+        monkeypatch.setattr(memory, "available_memory", lambda device, free=free: (free, "available RAM (test)"))
+        stats = cache.StatisticsCache().expert_statistics(str(llama["expert_a"]), str(llama["base"]),
+                                                          str(llama["calib_a"]), settings, torch.device("cpu"))
+        assert calls[-1] is spilled and stats.lookup("model.layers.1.mlp.down_proj") is not None
+        shutil.rmtree(tmp_path / "c")
+    monkeypatch.setattr(memory, "available_memory", lambda device: (need.spilled_total - 1, "available RAM (test)"))
+    with pytest.raises(MemoryError, match=r"one batch's hidden states .* \(the rest spilled to disk\)"):
+        cache.StatisticsCache().expert_statistics(str(llama["expert_a"]), str(llama["base"]), str(llama["calib_a"]),
+                                                  settings, torch.device("cpu"))
+
+
 def test_the_pass_holds_one_layer_and_the_hidden_states(llama, tmp_path):
     """The prediction: one layer's weights and Gram sums, the calibration hidden states, and
     the weights outside the layers, whichever phase is larger; the same at any depth."""
@@ -139,7 +187,7 @@ def test_a_streamed_pass_that_cannot_fit_is_refused_before_reading_weights(llama
                                                   CalibrationSettings(cache_dir=str(tmp_path)), torch.device("cpu"))
     message = str(error.value)
     assert "layer-by-layer statistics pass over" in message and "expert_b" in message
-    assert "hidden states of" in message and "0.0 GB is available RAM (test)" in message
+    assert "one batch's hidden states" in message and "0.0 GB is available RAM (test)" in message
     assert [p for p in os.listdir(tmp_path) if not p.endswith(".lock")] == []
 
 

@@ -112,7 +112,7 @@ def test_device_and_trust_remote_code_reach_the_calibration_pass(llama, tmp_path
     from mergekit_qp.calibration import cache
 
     seen = []
-    original_check, original_pass = cache.check_streamed_fits, cache.streamed_statistics
+    original_check, original_pass = cache.plan_streamed_pass, cache.streamed_statistics
 
     def check(model_dir, device, tokens, max_batch_tokens, seq_len, trust_remote_code=False):
         seen.append(("trust_remote_code", trust_remote_code))
@@ -122,7 +122,7 @@ def test_device_and_trust_remote_code_reach_the_calibration_pass(llama, tmp_path
         seen.append(("device", str(device)))
         return original_pass(model_dir, config, batches, device, folder, **kwargs)
 
-    monkeypatch.setattr(cache, "check_streamed_fits", check)
+    monkeypatch.setattr(cache, "plan_streamed_pass", check)
     monkeypatch.setattr(cache, "streamed_statistics", run)
     cache.STATISTICS.clear()  # earlier tests' statistics of the same experts are held in memory
     mergekit_qp.register()

@@ -37,6 +37,21 @@ def close(a, b, where="report"):
     {"basis": "full", "sequential": True}, {"sequential": True, "target": "expert_outputs"},
 ], ids=["full", "diagonal", "task", "rank-2", "sequential", "sequential-expert-outputs"])
 def test_streamed_statistics_merge_as_the_whole_model_pass_did(llama, tmp_path, monkeypatch, parameters):
+    compare_with_whole_model_pass(llama, tmp_path, monkeypatch, parameters)
+
+
+@pytest.mark.parametrize("kind", ["phi3", "gemma2", "gemma3_text"])
+def test_architectures_with_statistics_only_adapters_merge_independently(kind, tmp_path, monkeypatch):
+    """Phi-3 and Gemma 2/3: the layer-streamed statistics merge as the whole-model pass's do;
+    sequential merging is refused, naming the architecture."""
+    paths = tiny_models.build(kind, tmp_path / "m")
+    compare_with_whole_model_pass(paths, tmp_path, monkeypatch, {"basis": "full"})
+    config = tiny_models.write_config(tmp_path / "seq.yml", paths, "output_qp", {"sequential": True})
+    result = run_in_process(config, tmp_path / "seq", tmp_path / "cache-seq")
+    assert result.exit_code != 0 and f"does not support the {kind!r} architecture" in str(result.exception)
+
+
+def compare_with_whole_model_pass(llama, tmp_path, monkeypatch, parameters):
     outs = {}
     for label, streaming in (("streamed", True), ("whole", False)):
         cache.STATISTICS.clear()
@@ -56,3 +71,4 @@ def test_streamed_statistics_merge_as_the_whole_model_pass_did(llama, tmp_path, 
     close(json.loads((outs["streamed"] / "merge_report.json").read_text()),
           json.loads((outs["whole"] / "merge_report.json").read_text()))
     cache.STATISTICS.clear()
+    monkeypatch.undo()
