@@ -114,13 +114,8 @@ class Backbone:
     def driver(self, outer_weights: Dict[str, torch.Tensor], device, sink: List) -> nn.Module:
         """The backbone with real embeddings (and buffers) and every layer replaced by a stub
         that appends its arguments to `sink`; the last stub stops the forward pass."""
-        driver = copy.deepcopy(self.model)
-        stubs = recording_stubs(self.num_layers, sink)
-        parent, _, attr = self.layers_path.rpartition(".")
-        setattr(driver.get_submodule(parent) if parent else driver, attr, stubs)
-        driver.to_empty(device=device)
-        for module in driver.modules():  # buffers (rotary frequencies, position ids) are computed, not loaded
-            driver._init_weights(module)
+        driver = _with_stand_ins(copy.deepcopy(self.model), self.layers_path, recording_stubs(self.num_layers, sink),
+                                 device)
         names = dict(driver.named_parameters())
         params = {}
         for name in names:
@@ -130,29 +125,19 @@ class Backbone:
         _load(driver, params, "embeddings", device, require=_reachable_parameters(driver, self.layers_path))
         return driver.eval()
 
-
     def outer_model(self, tensor_of: Callable[[str], Optional[torch.Tensor]], device,
                     stubs: nn.ModuleList) -> Tuple[nn.Module, str]:
         """The checkpoint's own model class (its output head included) with the weights outside
         the layers, from `tensor_of(parameter name)`, and `stubs` in place of the layers; returns
         it with the path of the layer list in it."""
-        from .models import model_class_for
+        from .models import meta_model
 
-        import transformers
-
-        model_class = model_class_for(self.config)
-        with torch.device("meta"):
-            model = (transformers.AutoModel.from_config(self.config) if model_class is transformers.AutoModel
-                     else model_class(self.config))
+        model = meta_model(self.config)
         path = self.layers_path
         prefix = getattr(model, "base_model_prefix", "") or ""
         if prefix and hasattr(model, prefix) and _submodule(model, path) is None:
             path = f"{prefix}.{path}"
-        parent, _, attr = path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, stubs)
-        model.to_empty(device=device)
-        for module in model.modules():  # buffers (rotary frequencies, position ids) are computed, not loaded
-            model._init_weights(module)
+        model = _with_stand_ins(model, path, stubs, device)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         missing, weights = [], {}
         for name, parameter in model.named_parameters():
@@ -169,6 +154,17 @@ class Backbone:
         if head is not None and not any(head.weight is p for n, p in model.named_parameters() if n in weights):
             head.weight = model.get_input_embeddings().weight
         return model.eval(), path
+
+
+def _with_stand_ins(model: nn.Module, layers_path: str, stubs: nn.ModuleList, device) -> nn.Module:
+    """A meta-device model with `stubs` in place of its layer list, materialised on `device`
+    (weights still to load)."""
+    parent, _, attr = layers_path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, stubs)
+    model.to_empty(device=device)
+    for module in model.modules():  # buffers (rotary frequencies, position ids) are computed, not loaded
+        model._init_weights(module)
+    return model
 
 
 def _submodule(model: nn.Module, path: str) -> Optional[nn.Module]:

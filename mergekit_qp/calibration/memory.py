@@ -1,7 +1,8 @@
-"""The peak memory of a whole-model statistics pass, predicted from the model's config before
-anything is loaded, and the refusal of a pass that cannot fit (no mergekit).
+"""The peak memory of a statistics pass, predicted from the model's config before anything is
+loaded, and the refusal of a pass that cannot fit (no mergekit). The layer-streamed pass is
+described at StreamedPassMemory; the whole-model pass, below.
 
-The pass holds the expert in float32, a float64 Gram sum per distinct linear input (modules of
+The whole-model pass holds the expert in float32, a float64 Gram sum per distinct linear input (modules of
 one parent with the same input width count once: q/k/v, gate/up), the float32 means it hands
 on, and one batch of activations. The figure is a lower estimate (an attention output
 projection shares its parent and width with q/k/v and is not counted): a refusal means the pass
@@ -38,15 +39,11 @@ class PassMemory:
 def _meta_model(model_dir: str, trust_remote_code: bool):
     import transformers
 
-    from .models import model_class_for
+    from .models import meta_model
 
     config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True,
                                                      trust_remote_code=trust_remote_code)
-    model_class = model_class_for(config)
-    with torch.device("meta"):
-        if model_class is transformers.AutoModel:
-            return config, transformers.AutoModel.from_config(config, trust_remote_code=trust_remote_code)
-        return config, model_class(config)
+    return config, meta_model(config, trust_remote_code)
 
 
 def _input_widths(model) -> List[int]:

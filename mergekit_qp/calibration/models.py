@@ -57,6 +57,17 @@ def model_class_for(config):
                 transformers.AutoModel)
 
 
+def meta_model(config, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The checkpoint's own class for `config`, on the meta device (no memory for weights)."""
+    import transformers
+
+    model_class = model_class_for(config)
+    with torch.device("meta"):
+        if model_class is transformers.AutoModel:
+            return transformers.AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+        return model_class(config)
+
+
 def load_model(model_dir: str, device: torch.device, trust_remote_code: bool = False) -> torch.nn.Module:
     """The checkpoint as its own transformers class, in float32."""
     import transformers

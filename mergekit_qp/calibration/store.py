@@ -55,7 +55,7 @@ class ModelStatistics:
             raise StatisticsError(f"cannot read statistics file {path}: {error}") from error
         if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
             raise StatisticsError(f"{path} is not a mergekit-qp statistics file of version {FORMAT_VERSION}")
-        return ModelStatistics(_LazyFile(file), meta, path)
+        return ModelStatistics(_LazyTensors({key: file for key in file.keys()}), meta, path)
 
     def _module(self, kind: str, module: str) -> Optional[str]:
         """The stored module name for a checkpoint module name (prefix-insensitive)."""
@@ -128,10 +128,15 @@ def save_tensors(path: str, tensors: Dict[str, torch.Tensor], metadata: Optional
 
 def write_index(folder: str, metadata: Dict[str, str], files: List[str]) -> None:
     """The index that makes a shard folder complete (written last, atomically)."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    write_json(os.path.join(folder, INDEX_FILE), {"metadata": metadata, "files": files})
+
+
+def write_json(path: str, value) -> None:
+    """A JSON file written under a temporary name and renamed into place."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
     with os.fdopen(fd, "w") as fp:
-        json.dump({"metadata": metadata, "files": files}, fp, indent=1)
-    os.replace(tmp, os.path.join(folder, INDEX_FILE))
+        json.dump(value, fp, indent=1)
+    os.replace(tmp, path)
 
 
 def _open_folder(path: str) -> ModelStatistics:
@@ -149,7 +154,7 @@ def _open_folder(path: str) -> ModelStatistics:
         raise
     except Exception as error:  # a missing or truncated index or shard
         raise StatisticsError(f"cannot read statistics folder {path}: {error}") from error
-    return ModelStatistics(_LazyShards(by_key), meta, path)
+    return ModelStatistics(_LazyTensors(by_key), meta, path)
 
 
 def fingerprint(parts: Dict[str, str]) -> str:
@@ -182,21 +187,9 @@ def bytes_fingerprint(paths: Iterable[str]) -> str:
     return h.hexdigest()[:32]
 
 
-class _LazyFile:
-    """A safetensors file as a read-only mapping, loading each tensor when asked for."""
-
-    def __init__(self, file):
-        self._file = file
-
-    def keys(self):
-        return self._file.keys()
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._file.get_tensor(key)
-
-
-class _LazyShards:
-    """A folder of safetensors shards as one read-only mapping, loading a tensor when asked."""
+class _LazyTensors:
+    """Open safetensors files (one, or a folder's shards) as one read-only mapping, keyed by
+    tensor name, loading a tensor when asked for."""
 
     def __init__(self, by_key):
         self._by_key = by_key

@@ -35,7 +35,7 @@ from .collector import StatisticsCollector
 from .layers import ARCHITECTURES, STATISTICS_ONLY, Backbone, Batch, SequentialUnsupported, TailStub, \
     layer_local_name, recording_stubs
 from .models import output_head
-from .store import StatisticsError, save_tensors, statistics_metadata, write_index
+from .store import INDEX_FILE, StatisticsError, save_tensors, statistics_metadata, write_index, write_json
 
 LOG = logging.getLogger("mergekit_qp")
 
@@ -171,7 +171,8 @@ def _run(model_dir, config, batches, device, folder: str, partial: str, descript
             after_layer(index)
     bar.close()
 
-    # What follows the layers (final norm, the output head's input), by the model's own code.
+    # What follows the layers (final norm, the output head's input), by the model's own code. The
+    # weights outside the layers are read again rather than held through the layers (memory.py).
     last: List[torch.Tensor] = []
     stubs = nn.ModuleList(TailStub(i == backbone.num_layers - 1, last) for i in range(backbone.num_layers))
     model, _ = backbone.outer_model(weights.outer, device, stubs)
@@ -234,7 +235,7 @@ class HiddenStates:
             return
         self.generation = 1 - self.generation
         if next_layer > 0:
-            _write_json(os.path.join(self.partial, SPILL_MARKER), {"next_layer": next_layer,
+            write_json(os.path.join(self.partial, SPILL_MARKER), {"next_layer": next_layer,
                                                                    "generation": self.generation})
 
     def save_resume_point(self, next_layer: int) -> None:
@@ -284,13 +285,6 @@ class HiddenStates:
             return int((saved.metadata() or {})["next_layer"]), hidden
 
 
-def _write_json(path: str, value) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fp:
-        json.dump(value, fp)
-    os.replace(tmp, path)
-
-
 def _save(model_dir: str, partial: str, name: str, tensors: Dict[str, torch.Tensor],
           metadata: Optional[Dict[str, str]] = None) -> None:
     """One file of the folder, written atomically; a failed write (a full disk) says where and
@@ -323,7 +317,7 @@ def _finish(partial: str, folder: str, num_layers: int, aliases: Dict[str, str],
     try:
         os.replace(partial, folder)
     except OSError:  # another process finished the same statistics first: theirs are equal
-        if not os.path.exists(os.path.join(folder, "statistics.json")):
+        if not os.path.exists(os.path.join(folder, INDEX_FILE)):
             raise
         shutil.rmtree(partial, ignore_errors=True)
     return folder

@@ -14,7 +14,8 @@ from typing import Iterable, Mapping, Optional
 
 import torch
 
-from .qp import _f64, _factorise, _out, _ridge, _seq, _solve_dev, _symmetric_f64, _tensor, _validate, _weights
+from .qp import _f64, _factorise, _out, _ridge, _scaled_ridge, _seq, _solve_dev, _symmetric_f64, _tensor, _validate, \
+    _weights
 
 __all__ = ["Objective", "aggregate_rho", "energy_captured", "full_update_by_rows", "full_update_with_objective",
            "layer_of", "objective", "solve_by_rows"]
@@ -92,8 +93,7 @@ def full_update_with_objective(task_vectors, grams, weights, ridge: float = 0.0)
         G += gk
         del gk, vk, nk
     R = S - mean @ G  # Σ ωk (Δk − Δ̄) Gk
-    tr = float(G.trace())
-    lam = ridge * tr / d if tr > 0 else ridge
+    lam = _scaled_ridge(G, ridge)
     x = _solve_dev(G, R, lam, overwrite=True)
     del G, R
     update = mean + x
@@ -110,11 +110,16 @@ def full_update_with_objective(task_vectors, grams, weights, ridge: float = 0.0)
         del product
     quadratic.append((total_quadratic - sum(wk * q for wk, q in zip(w, quadratic))) / w[-1])
     cross.append((total_cross - sum(wk * c for wk, c in zip(w, cross))) / w[-1])
+    return _out(update, dev), _from_terms(quadratic, cross, energy, w, wsum)
+
+
+def _from_terms(quadratic, cross, energy, w, wsum) -> Objective:
+    """The Objective from each task's tr(Δ Gk Δᵀ), ⟨Δ, Δk Gk⟩ and Ek (normalised weights w):
+    Jk = quadratic − 2 cross + Ek, clamped at ≥ 0 against rounding."""
     per = [max(0.0, q - 2 * c + e) for q, c, e in zip(quadratic, cross, energy)]
     raw = [wk * wsum for wk in w]
-    objective_ = Objective(tuple(per), tuple(energy), sum(a * j for a, j in zip(raw, per)),
-                           sum(a * e for a, e in zip(raw, energy)))
-    return _out(update, dev), objective_
+    return Objective(tuple(per), tuple(energy), sum(a * j for a, j in zip(raw, per)),
+                     sum(a * e for a, e in zip(raw, energy)))
 
 
 def solve_by_rows(m: int, d: int, tasks: int, block_bytes: int = 1 << 25) -> int:
@@ -139,8 +144,7 @@ def full_update_by_rows(rows_of, m: int, d: int, grams, weights, ridge: float, w
     G = torch.zeros(d, d, dtype=torch.float64, device=dev)
     for wk, gk in zip(w, sym):
         G.add_(gk, alpha=wk)
-    tr = float(G.trace())
-    lam = ridge * tr / d if tr > 0 else ridge
+    lam = _scaled_ridge(G, ridge)
     solve = _factorise(G.clone(), lam, overwrite=True)
     K, last = len(w), len(w) - 1
     energy, quadratic, cross = [0.0] * K, [0.0] * K, [0.0] * K
@@ -170,10 +174,7 @@ def full_update_by_rows(rows_of, m: int, d: int, grams, weights, ridge: float, w
         quadratic[last] += block_quadratic / w[last]
         write(rows, _out(update, dev))
         del vs, update
-    per = [max(0.0, q - 2 * c + e) for q, c, e in zip(quadratic, cross, energy)]
-    raw = [wk * wsum for wk in w]
-    return Objective(tuple(per), tuple(energy), sum(a * j for a, j in zip(raw, per)),
-                     sum(a * e for a, e in zip(raw, energy)))
+    return _from_terms(quadratic, cross, energy, w, wsum)
 
 
 def aggregate_rho(terms: Iterable[Mapping[str, Mapping[str, float]]], task: Optional[str] = None) -> float:

@@ -202,9 +202,13 @@ def _full_stats(task_vectors, grams, weights, ridge):
         gk *= wk
         G += gk
         del gk
+    return mean, G, R, _scaled_ridge(G, ridge), wsum
+
+
+def _scaled_ridge(G: torch.Tensor, ridge: float) -> float:
+    """λ = ridge · tr(Ĝ)/d (ridge itself where Ĝ has no trace)."""
     tr = float(G.trace())
-    lam = ridge * tr / d if tr > 0 else ridge
-    return mean, G, R, lam, wsum
+    return ridge * tr / G.shape[0] if tr > 0 else ridge
 
 
 def full_update(task_vectors, grams, weights, ridge: float = 0.0) -> torch.Tensor:
