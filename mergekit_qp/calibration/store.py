@@ -42,6 +42,7 @@ class ModelStatistics:
         self.tokens = int(metadata["tokens"])
         self._tensors = tensors
         self._keys = set(tensors.keys())
+        self._shared = set(self.aliases.values())  # stored modules whose Gram others read too
 
     @staticmethod
     def open(path: str) -> "ModelStatistics":
@@ -83,8 +84,9 @@ class ModelStatistics:
     def lookup(self, module: str):
         """Statistics for a module name, as LinearStats / NormStats / EmbeddingStats, or None."""
         if (name := self._module(LINEAR, module)) is not None:
+            shared = (self.path or id(self), name) if name in self._shared else None
             return LinearStats(self._get(f"{LINEAR}/{name}/gram"), self._get(f"{LINEAR}/{name}/mean"),
-                               transposed=name in self.transposed)
+                               transposed=name in self.transposed, shared_input=shared)
         if (name := self._module(NORM, module)) is not None:
             return NormStats(self._get(f"{NORM}/{name}/m2"), self._get(f"{NORM}/{name}/m1"))
         if (name := self._module(EMBEDDING, module)) is not None:

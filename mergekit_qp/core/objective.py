@@ -14,10 +14,9 @@ from typing import Iterable, Mapping, Optional
 
 import torch
 
-from .qp import _f64, _factorise, _out, _ridge, _scaled_ridge, _seq, _solve_dev, _symmetric_f64, _tensor, _validate, \
-    _weights
+from .qp import _f64, _factorise, _out, _ridge, _scaled_ridge, _seq, _symmetric_f64, _tensor, _validate, _weights
 
-__all__ = ["Objective", "aggregate_rho", "energy_captured", "full_update_by_rows", "full_update_with_objective",
+__all__ = ["FullSystem", "Objective", "aggregate_rho", "energy_captured", "full_update_by_rows", "full_update_with_objective",
            "layer_of", "objective", "solve_by_rows"]
 
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -68,43 +67,79 @@ def objective(update, task_vectors, grams, weights) -> Objective:
                      sum(a * e for a, e in zip(raw, energy)))
 
 
-def full_update_with_objective(task_vectors, grams, weights, ridge: float = 0.0):
+class FullSystem:
+    """What a full-basis solve takes from the statistics alone: the weights, λ and Ĝ + λI
+    factorised once. Projections that read one input (q/k/v, gate/up) share it, so one
+    factorisation serves three solves (core/problems.py, SharedSystems). Holds the factor
+    (and Ĝ only where Ĝ + λI is singular); the tasks' float64 Grams are made one at a time
+    from the stored ones unless `hold_grams` keeps them (the blocked solve reuses each per block)."""
+
+    def __init__(self, grams, weights, ridge: float):
+        self.weights, self.wsum = _weights(weights, len(grams))
+        d = grams[0].shape[-1] if hasattr(grams[0], "shape") else len(grams[0])
+        self._grams = _seq("grams", grams, len(self.weights), (d, d))
+        self.device, self.width = self._grams[0].device, d
+        G = torch.zeros(d, d, dtype=torch.float64, device=self.device)
+        for wk, g in zip(self.weights, self._grams):
+            G.add_(_symmetric_f64(g, self.device), alpha=wk)
+        self.lam = _scaled_ridge(G, _ridge(ridge))
+        self.solve = _factorise(G, self.lam, overwrite=True)  # G is now Ĝ + λI
+        # The deviation form (below) needs Ĝ; the direct form does not.
+        self.gram_sum = None
+        if not self.solve.invertible:
+            G.diagonal().sub_(self.lam)
+            self.gram_sum = G
+        self._held = None
+
+    def hold_grams(self) -> None:
+        if self._held is None:
+            self._held = [_symmetric_f64(g, self.device) for g in self._grams]
+
+    def gram(self, k: int) -> torch.Tensor:
+        """Task k's Gram, symmetric, float64."""
+        return self._held[k] if self._held is not None else _symmetric_f64(self._grams[k], self.device)
+
+    def update(self, S: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """The minimiser Δ from S = Σ ωk Δk Gk and Δ̄: Δ (Ĝ + λI) = S + λΔ̄, one solve and no
+        Δ̄ Ĝ product. Where Ĝ + λI is singular, Δ̄ + (S − Δ̄Ĝ)(Ĝ + λI)⁺: the minimiser
+        nearest Δ̄ (what qp.full_update gives)."""
+        if self.gram_sum is None:
+            return self.solve(S + self.lam * mean)
+        return mean + self.solve(S - mean @ self.gram_sum)
+
+
+def full_update_with_objective(task_vectors, grams, weights, ridge: float = 0.0,
+                               system: Optional[FullSystem] = None):
     """The full-basis update (qp.full_update's minimiser, float32) and its Objective, with the
     objective's terms taken from the solve's own products instead of 2K more d-wide products.
 
-    Per task Nk = Δk Gk (P needs it anyway) gives Ek = ⟨Δk, Nk⟩; with S = Σ ωk Nk and the solve
-    X (Ĝ + λI) = R, Σ ωk tr(Δ Gk Δᵀ) = ⟨Δ, S − λX⟩ and Σ ωk ⟨Δ, Nk⟩ = ⟨Δ, S⟩. Tasks 1…K−1 take
-    Δ Gk (one product each) for tr(Δ Gk Δᵀ) and ⟨Δ Gk, Δk⟩; task K's terms follow from the
-    sums. Jk = tr(Δ Gk Δᵀ) − 2⟨Δ, Nk⟩ + Ek in float64, clamped at ≥ 0 against rounding. Holds
-    two d × d and four m × d float64 buffers at most, whatever K."""
+    Per task Nk = Δk Gk (S needs it anyway) gives Ek = ⟨Δk, Nk⟩; with S = Σ ωk Nk and the
+    solve Δ (Ĝ + λI) = S + λΔ̄, Σ ωk tr(Δ Gk Δᵀ) = ⟨Δ, S + λ(Δ̄ − Δ)⟩ and Σ ωk ⟨Δ, Nk⟩ = ⟨Δ, S⟩.
+    Tasks 1…K−1 take Δ Gk (one product each) for tr(Δ Gk Δᵀ) and ⟨Δ Gk, Δk⟩; task K's terms
+    follow from the sums: 2K products of m × d by d × d in all. Jk = tr(Δ Gk Δᵀ) − 2⟨Δ, Nk⟩ + Ek
+    in float64, clamped at ≥ 0 against rounding. Holds the factor, one task's Gram and three
+    m × d float64 buffers, whatever K. `system`: a factorisation of these Grams to reuse."""
     vs, w, wsum, dev, (m, d) = _validate(task_vectors, weights)
-    gs, ridge = _seq("grams", grams, len(vs), (d, d)), _ridge(ridge)
+    system = system if system is not None else FullSystem(grams, weights, ridge)
+    if system.width != d:
+        raise ValueError(f"statistics of width {system.width} for task vectors of width {d}")
     mean = sum(wk * _f64(v, dev) for wk, v in zip(w, vs))
-    G = torch.zeros(d, d, dtype=torch.float64, device=dev)
     S = torch.zeros(m, d, dtype=torch.float64, device=dev)
     energy = []
-    for wk, v, g in zip(w, vs, gs):
-        gk = _symmetric_f64(g, dev)
+    for k, v in enumerate(vs):
         vk = _f64(v, dev)
-        nk = vk @ gk
+        nk = vk @ system.gram(k)
         energy.append(max(0.0, float((vk * nk).sum())))
-        S.add_(nk, alpha=wk)
-        gk *= wk
-        G += gk
-        del gk, vk, nk
-    R = S - mean @ G  # Σ ωk (Δk − Δ̄) Gk
-    lam = _scaled_ridge(G, ridge)
-    x = _solve_dev(G, R, lam, overwrite=True)
-    del G, R
-    update = mean + x
-    S -= lam * x  # now Δ Ĝ
-    total_quadratic = float((update * S).sum())
-    S += lam * x
+        S.add_(nk, alpha=w[k])
+        del vk, nk
+    update = system.update(S, mean)
     total_cross = float((update * S).sum())
-    del S, x
+    S.add_(mean, alpha=system.lam).sub_(update, alpha=system.lam)  # now Δ Ĝ
+    total_quadratic = float((update * S).sum())
+    del S, mean
     quadratic, cross = [], []
     for k in range(len(vs) - 1):
-        product = update @ _symmetric_f64(gs[k], dev)
+        product = update @ system.gram(k)
         quadratic.append(float((product * update).sum()))
         cross.append(float((product * _f64(vs[k], dev)).sum()))
         del product
@@ -131,21 +166,14 @@ def solve_by_rows(m: int, d: int, tasks: int, block_bytes: int = 1 << 25) -> int
     return max(256, block_bytes // (8 * d))
 
 
-def full_update_by_rows(rows_of, m: int, d: int, grams, weights, ridge: float, write, block_rows: int) -> Objective:
-    """full_update_with_objective of an m × d update, solved in blocks of output rows: with
-    Ĝ + λI factorised once, the problem separates over rows. `rows_of(rows)` gives the K task
+def full_update_by_rows(rows_of, m: int, system: FullSystem, write, block_rows: int) -> Objective:
+    """full_update_with_objective of an m × d update (d = system.width), solved in blocks of
+    output rows: with Ĝ + λI factorised once, the problem separates over rows. `rows_of(rows)` gives the K task
     vectors' rows (a slice), `write(rows, update rows as float32)` takes the result, so no
-    m × d float64 buffer is ever whole. Holds the K tasks' float64 Grams, Ĝ, its factor and one
+    m × d float64 buffer is ever whole. Holds the K tasks' float64 Grams, the factor and one
     block. The same minimiser and objective terms, summed over blocks."""
-    w, wsum = _weights(weights, len(grams))
-    gs, ridge = _seq("grams", grams, len(w), (d, d)), _ridge(ridge)
-    dev = gs[0].device
-    sym = [_symmetric_f64(g, dev) for g in gs]
-    G = torch.zeros(d, d, dtype=torch.float64, device=dev)
-    for wk, gk in zip(w, sym):
-        G.add_(gk, alpha=wk)
-    lam = _scaled_ridge(G, ridge)
-    solve = _factorise(G.clone(), lam, overwrite=True)
+    system.hold_grams()
+    w, wsum, lam, dev = system.weights, system.wsum, system.lam, system.device
     K, last = len(w), len(w) - 1
     energy, quadratic, cross = [0.0] * K, [0.0] * K, [0.0] * K
     for start in range(0, m, block_rows):
@@ -155,20 +183,18 @@ def full_update_by_rows(rows_of, m: int, d: int, grams, weights, ridge: float, w
         mean = sum(wk * v for wk, v in zip(w, vs))
         S = torch.zeros_like(mean)
         for k in range(K):
-            nk = vs[k] @ sym[k]
+            nk = vs[k] @ system.gram(k)
             energy[k] += float((vs[k] * nk).sum())
             S.add_(nk, alpha=w[k])
             vs[k] = nk  # only Δk Gk is needed from here on
-        x = solve(S - mean @ G)
-        update = mean + x
-        del mean
-        S -= lam * x  # Δ Ĝ over these rows
+        update = system.update(S, mean)
+        S.add_(mean, alpha=lam).sub_(update, alpha=lam)  # Δ Ĝ over these rows
         block_quadratic = float((update * S).sum())
-        del S, x
+        del S, mean
         for k in range(K):
             cross[k] += float((update * vs[k]).sum())  # ⟨Δ Gk, Δk⟩ = ⟨Δ, Δk Gk⟩ (Gk symmetric)
             if k < last:
-                q = float(((update @ sym[k]) * update).sum())
+                q = float(((update @ system.gram(k)) * update).sum())
                 quadratic[k] += q
                 block_quadratic -= w[k] * q
         quadratic[last] += block_quadratic / w[last]

@@ -13,16 +13,18 @@ Everything is computed in float64 and returned in the model's dtype.
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from . import qp, svc
-from .objective import Objective, full_update_by_rows, full_update_with_objective, objective, solve_by_rows
+from .objective import FullSystem, Objective, full_update_by_rows, full_update_with_objective, objective, \
+    solve_by_rows
 from .statistics import EmbeddingStats, LinearStats, NormStats
 
-__all__ = ["Basis", "LinearSolution", "ProblemMismatch", "SolveSettings", "augmented_gram", "fallback_update",
+__all__ = ["Basis", "LinearSolution", "ProblemMismatch", "SharedSystems", "SolveSettings", "augmented_gram", "fallback_update",
            "solve_embedding", "solve_linear", "solve_norm", "svc_in_model_precision"]
 
 FALLBACKS = ("linear", "task_arithmetic", "base")
@@ -104,10 +106,39 @@ class LinearSolution:
 ROW_BLOCK_BYTES = 1 << 25  # one float64 buffer of a block of output rows (32 MB)
 
 
+class SharedSystems:
+    """The factorised full-basis system of the last shared input, so that projections reading
+    one Gram (q/k/v, gate/up) factorise it once, not three times. One system is held at a
+    time, and none once the solves move on to another layer (`enter`), so it never sits
+    beside a wider solve of the next layer. Thread-safe; a merge holds one (MergeState)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._layer: Optional[str] = None
+        self._key = self._system = None
+
+    def enter(self, layer: str) -> None:
+        """Solves of `layer` follow: drop a system of another layer."""
+        with self._lock:
+            if layer != self._layer:
+                self._layer, self._key, self._system = layer, None, None
+
+    def get(self, key, build) -> FullSystem:
+        with self._lock:
+            if key == self._key:
+                return self._system
+        system = build()
+        with self._lock:
+            self._key, self._system = key, system
+        return system
+
+
 def solve_linear(base_weight: torch.Tensor, expert_weights: Sequence[torch.Tensor], stats: Sequence[LinearStats],
                  weights: Sequence[float], settings: SolveSettings, base_bias: Optional[torch.Tensor] = None,
-                 expert_biases: Optional[Sequence[torch.Tensor]] = None) -> LinearSolution:
-    """The merged weight (and bias) of one linear map."""
+                 expert_biases: Optional[Sequence[torch.Tensor]] = None,
+                 systems: Optional[SharedSystems] = None) -> LinearSolution:
+    """The merged weight (and bias) of one linear map. `systems`: where the statistics say
+    the input is shared (LinearStats.shared_input), a full-basis factorisation is reused."""
     transposed = stats[0].transposed  # GPT-2 Conv1D: solve on the transpose, return the stored layout
     device = base_weight.device
     d = base_weight.shape[0] if transposed else base_weight.shape[1]
@@ -125,11 +156,20 @@ def solve_linear(base_weight: torch.Tensor, expert_weights: Sequence[torch.Tenso
     if with_bias:
         grams = [augmented_gram(g, s.mean.to(device, g.dtype)) for g, s in zip(grams, stats)]
     m = base_weight.shape[1] if transposed else base_weight.shape[0]
+    system = None
     if settings.basis.kind == "full" and not settings.svc and not expert_output:
+        def build():
+            return FullSystem(grams, weights, float(settings.ridge))
+        shared = [s.shared_input for s in stats]
+        if systems is not None and all(shared):
+            key = (tuple(shared), tuple(float(w) for w in weights), float(settings.ridge), with_bias, str(device))
+            system = systems.get(key, build)
+        else:
+            system = build()
         block_rows = solve_by_rows(m, grams[0].shape[0], len(expert_weights), ROW_BLOCK_BYTES)
         if block_rows:
-            return _solve_linear_by_rows(base_weight, expert_weights, grams, weights, settings, base_bias,
-                                         expert_biases, transposed, block_rows)
+            return _solve_linear_by_rows(base_weight, expert_weights, system, base_bias, expert_biases, transposed,
+                                         block_rows)
     w0 = as_solved(base_weight)
     if with_bias:
         w0 = torch.cat([w0, base_bias.double()[:, None]], 1)
@@ -149,9 +189,9 @@ def solve_linear(base_weight: torch.Tensor, expert_weights: Sequence[torch.Tenso
     if expert_output:
         deltas, unreachable = expert_output_task_vectors(w0, experts_w, deltas, grams, stats, with_bias)
     solved = None
-    if settings.basis.kind == "full" and not settings.svc:
+    if system is not None:
         # The report's terms from the solve's own products (≈ one d-wide product, not 2K).
-        update, solved = full_update_with_objective(deltas, grams, weights, float(settings.ridge))
+        update, solved = full_update_with_objective(deltas, grams, weights, float(settings.ridge), system)
         update = update.double()
     else:
         update = solve_update(deltas, grams, weights, settings)
@@ -164,8 +204,8 @@ def solve_linear(base_weight: torch.Tensor, expert_weights: Sequence[torch.Tenso
     return LinearSolution(new_w, new_b, _objective(update, deltas, grams, weights, unreachable, solved))
 
 
-def _solve_linear_by_rows(base_weight, expert_weights, grams, weights, settings: SolveSettings, base_bias,
-                          expert_biases, transposed: bool, block_rows: int) -> LinearSolution:
+def _solve_linear_by_rows(base_weight, expert_weights, system: FullSystem, base_bias, expert_biases,
+                          transposed: bool, block_rows: int) -> LinearSolution:
     """solve_linear's full-basis solve in blocks of output rows (objective.full_update_by_rows):
     the experts' float64 rows are made per block, the merged rows written straight into the
     output, so an output head's m × d float64 copies are never whole."""
@@ -189,8 +229,7 @@ def _solve_linear_by_rows(base_weight, expert_weights, grams, weights, settings:
         if new_b is not None:
             new_b[rows] = (base_bias[rows].double() + update[:, d]).to(new_b.dtype)
 
-    solved = full_update_by_rows(rows_of, m, grams[0].shape[0], grams, weights, float(settings.ridge), write,
-                                 block_rows)
+    solved = full_update_by_rows(rows_of, m, system, write, block_rows)
     return LinearSolution(new_w.T if transposed else new_w, new_b, solved)
 
 

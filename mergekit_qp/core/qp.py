@@ -120,7 +120,8 @@ def _solve_dev(A: torch.Tensor, R: torch.Tensor, lam: float, overwrite: bool = F
 
 
 def _factorise(A: torch.Tensor, lam: float, overwrite: bool = False):
-    """A solver R ↦ X with X (A + λI) = R, factorising once (the blocked solves reuse it).
+    """A solver R ↦ X with X (A + λI) = R, factorising once (the blocked solves reuse it);
+    its `invertible` says whether A + λI was (the pseudo-inverse path otherwise).
     Cholesky first; where it fails or a pivot is tiny relative to its diagonal entry (a
     scale-invariant singularity test, so badly scaled but well-posed Grams stay on the fast
     path) the eigen pseudo-inverse: eigenvalues below a relative tolerance count as zero,
@@ -142,6 +143,7 @@ def _factorise(A: torch.Tensor, lam: float, overwrite: bool = False):
         def solve(R):
             X = torch.cholesky_solve((R[None] if unbatched else R).mT, L).mT
             return X[0] if unbatched else X
+        solve.invertible = True
         return solve
     L_ok = L[ok] if bool(ok.any()) else None
     mu, V = torch.linalg.eigh(H[~ok])
@@ -156,6 +158,7 @@ def _factorise(A: torch.Tensor, lam: float, overwrite: bool = False):
             X[ok] = torch.cholesky_solve(R[ok].mT, L_ok).mT
         X[~ok] = ((R[~ok] @ V) * inv.unsqueeze(-2)) @ V.mT
         return X[0] if unbatched else X
+    solve_any.invertible = False  # the minimum-norm X: callers solve for a deviation instead
     return solve_any
 
 
@@ -169,7 +172,7 @@ def _sqrt_factor(H: torch.Tensor) -> torch.Tensor:
 
 
 # -- full basis --------------------------------------------------------------------------------
-def _symmetric_f64(g: torch.Tensor, device, block: int = 1024) -> torch.Tensor:
+def _symmetric_f64(g: torch.Tensor, device, block: int = 128) -> torch.Tensor:
     """(g + gᵀ)/2 in float64, built in one d × d buffer: blocks of rows at a time instead of
     three full-size temporaries (a 7B down_proj Gram is 1.6 GB in float64). Elementwise the
     same operations as (g + gᵀ)/2, so the same values."""

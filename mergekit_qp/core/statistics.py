@@ -127,6 +127,9 @@ class LinearStats:
     expert_mean: Optional[torch.Tensor] = None
     expert_gram: Optional[torch.Tensor] = None
     transposed: bool = False  # GPT-2 Conv1D: the weight is stored in × out
+    # Where several projections read this Gram (q/k/v, gate/up): an identity of it, so their
+    # full-basis solves share one factorisation (core/problems.py, SharedSystems); else None.
+    shared_input: Optional[tuple] = None
 
 
 @dataclass(frozen=True)

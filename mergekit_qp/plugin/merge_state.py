@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..calibration.cache import STATISTICS, CalibrationSettings, StatisticsCache
-from ..core.problems import SolveSettings
+from ..core.problems import SharedSystems, SolveSettings
 from ..reports import merge_report
 from . import compat
 from .parameters import MERGE_STATE
@@ -35,6 +35,7 @@ class MergeState:
         # Sequential merging: the statistics of the stage being merged (see stage_statistics).
         self._stage = threading.local()
         self._pending: Dict[Tuple, Tuple[SolveSettings, Sequence[float], torch.Tensor]] = {}
+        self.systems = SharedSystems()  # q/k/v, gate/up: one factorisation per shared input
         self._lock = threading.Lock()
 
     # -- statistics ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from mergekit.merge_methods.base import BasePolicy, GroupMergeMethod, InputContr
     TensorEntry
 
 from ..core import problems
+from ..core.objective import layer_of
 from ..core.problems import ProblemMismatch
 from ..core.statistics import EmbeddingStats, LinearStats, NormStats
 from ..reports.merge_report import fallback_record, tensor_record
@@ -101,10 +102,12 @@ class OutputQPMerge(GroupMergeMethod):
             raise ProblemMismatch(f"bias {name} without a weight")
         weight_group = group if part == "weight" else partner
         bias_group = partner if part == "weight" else group
+        state.systems.enter(layer_of(module))
         solution = problems.solve_linear(
             weight_group.base.tensor, [e.tensor for e in weight_group.non_base], found, weights, settings,
             base_bias=None if bias_group is None else bias_group.base.tensor,
-            expert_biases=None if bias_group is None else [e.tensor for e in bias_group.non_base])
+            expert_biases=None if bias_group is None else [e.tensor for e in bias_group.non_base],
+            systems=state.systems)
         # One record per linear map (weight and bias solved together), under the weight's name.
         state.record(tensor_record(f"{module}.weight", solution.objective, weights,
                                    [str(e.id) for e in group.non_base]))

@@ -134,6 +134,12 @@ def test_store_round_trip_lookup_by_checkpoint_name(tmp_path):
     k = stats.lookup("model.layers.0.self_attn.k_proj")
     q = stats.lookup("model.layers.0.self_attn.q_proj")
     assert isinstance(k, LinearStats) and torch.equal(k.gram, q.gram)
+    # q/k/v read one Gram: one identity for their shared factorisation; o_proj reads its own.
+    v = stats.lookup("model.layers.0.self_attn.v_proj")
+    assert k.shared_input is not None and k.shared_input == q.shared_input == v.shared_input
+    assert stats.lookup("model.layers.0.self_attn.o_proj").shared_input is None
+    assert stats.lookup("model.layers.0.mlp.gate_proj").shared_input == \
+        stats.lookup("model.layers.0.mlp.up_proj").shared_input != k.shared_input
     # Prefix-insensitive: a checkpoint saved without the model prefix finds the same entry.
     assert torch.equal(stats.lookup("layers.0.self_attn.q_proj").gram, q.gram)
     assert isinstance(stats.lookup("model.norm"), NormStats)

@@ -176,3 +176,60 @@ def test_objective_from_the_solve_equals_one_from_activations(tasks, ridge):
         assert solved.per_task[k] == pytest.approx(float(((r @ g) * r).sum()), rel=1e-5, abs=1e-9)
         assert solved.energy_per_task[k] == pytest.approx(float(((v @ g) * v).sum()), rel=1e-9)
     assert solved.total == pytest.approx(sum(w * j for w, j in zip(weights, solved.per_task)), rel=1e-12)
+
+
+@pytest.mark.parametrize("blocked", [False, True], ids=["direct", "blocks-of-2-rows"])
+def test_singular_grams_without_ridge_give_the_minimiser_nearest_the_mean(blocked, monkeypatch):
+    """Ĝ singular and λ = 0: the solve takes the pseudo-inverse in the deviation form, so the
+    directions no data excites keep Δ̄ (qp.full_update's answer, checked here by hand too)."""
+    m, d = 5, 6
+    x = torch.randn(3, d, generator=gen(70), dtype=F64)  # rank 3 < d, shared by both tasks
+    stats = [stats_of(x), stats_of(2 * x)]
+    w0 = torch.randn(m, d, generator=gen(71), dtype=F64)
+    experts = [w0 + torch.randn(m, d, generator=gen(72 + k), dtype=F64) for k in range(2)]
+    if blocked:
+        monkeypatch.setattr(problems, "ROW_BLOCK_BYTES", 2 * 8 * d)
+        monkeypatch.setattr(problems, "solve_by_rows", lambda m, d, k, b: 2)
+    solution = problems.solve_linear(w0, experts, stats, [1.0, 3.0], SolveSettings(ridge=0.0))
+    deltas = [e - w0 for e in experts]
+    expected = qp.full_update(deltas, [s.gram for s in stats], [1.0, 3.0], 0.0).double()
+    torch.testing.assert_close(solution.weight - w0, expected, rtol=1e-9, atol=1e-9)
+    null = torch.linalg.svd(x, full_matrices=True).Vh[3:].T  # directions the data never excites
+    mean = (deltas[0] + 3 * deltas[1]) / 4
+    torch.testing.assert_close((solution.weight - w0) @ null, mean @ null, rtol=1e-5, atol=1e-6)  # float32 update
+
+
+@pytest.mark.parametrize("blocked", [False, True], ids=["direct", "blocks-of-2-rows"])
+def test_projections_reading_one_input_share_one_factorisation(blocked, monkeypatch):
+    """q/k/v-like solves whose statistics name one shared input factorise Ĝ + λI once and give
+    exactly the weights and objective of solving each alone; a solve of another layer, or
+    other weights, factorises anew."""
+    from mergekit_qp.core import objective as objective_module
+
+    d = 7
+    xs = [torch.randn(40, d, generator=gen(80 + k), dtype=F64) for k in range(2)]
+    shared = [LinearStats(s.gram.float(), s.mean.float(), shared_input=("stats", k, "q"))
+              for k, s in enumerate(map(stats_of, xs))]
+    alone = [LinearStats(s.gram, s.mean) for s in shared]
+    shapes = {"q": (7, d), "k": (3, d), "v": (3, d)}
+    if blocked:
+        monkeypatch.setattr(problems, "solve_by_rows", lambda m, d, k, b: 2)
+    calls = []
+    factorise = objective_module._factorise
+    monkeypatch.setattr(objective_module, "_factorise", lambda *a, **k: calls.append(1) or factorise(*a, **k))
+    systems = problems.SharedSystems()
+    systems.enter("0")
+    for i, (name, shape) in enumerate(shapes.items()):
+        w0 = torch.randn(shape, generator=gen(90 + i))
+        experts = [w0 + torch.randn(shape, generator=gen(93 + i + 10 * k)) for k in range(2)]
+        settings = SolveSettings(ridge=1e-3)
+        one = problems.solve_linear(w0, experts, shared, [1.0, 2.0], settings, systems=systems)
+        own = problems.solve_linear(w0, experts, alone, [1.0, 2.0], settings)
+        assert torch.equal(one.weight, own.weight), name
+        assert one.objective == own.objective, name
+    assert len(calls) == 1 + len(shapes)  # once shared, once per solve alone
+    problems.solve_linear(w0, experts, shared, [1.0, 5.0], settings, systems=systems)  # other weights
+    assert len(calls) == 2 + len(shapes)
+    systems.enter("1")
+    problems.solve_linear(w0, experts, shared, [1.0, 5.0], settings, systems=systems)
+    assert len(calls) == 3 + len(shapes)
