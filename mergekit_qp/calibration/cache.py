@@ -33,6 +33,9 @@ from .streamed import streamed_statistics, streams
 LOG = logging.getLogger("mergekit_qp")
 
 WEIGHT_FILES = (".safetensors", ".bin", ".json", ".pt", ".pth")
+# The dtypes the input Grams may be stored in (statistics_dtype); float16's range (65504) is
+# below the squared activations of LLMs.
+GRAM_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class CalibrationSettings:
     field: Optional[str] = None
     cache_dir: Optional[str] = None
     max_batch_tokens: int = 4096
+    gram_dtype: str = "float32"  # the stored input Grams' dtype (statistics_dtype)
 
     @staticmethod
     def from_params(params) -> "CalibrationSettings":
@@ -52,6 +56,7 @@ class CalibrationSettings:
             seed=int(params["calibration_seed"]),
             field=params.get("calibration_field"),
             cache_dir=params.get("cache_dir"),
+            gram_dtype=params.get("statistics_dtype") or "float32",
         )
 
 
@@ -104,6 +109,8 @@ class StatisticsCache:
             "samples": str(settings.samples),
             "seq_len": str(settings.seq_len),
             "seed": str(settings.seed),
+            # float32 caches keep the key they had before the option existed
+            **({"gram_dtype": settings.gram_dtype} if settings.gram_dtype != "float32" else {}),
         })
         with self._lock:
             if key in self._by_key:
@@ -207,13 +214,20 @@ def compute_statistics(model_dir: str, base_dir: str, source: CalibrationSource,
                      folder)
         try:
             streamed_statistics(model_dir, config, batch_list, device, folder, description=description,
-                                resume_every=resume_every, after_layer=after_layer, spill=spill)
+                                resume_every=resume_every, after_layer=after_layer, spill=spill,
+                                gram_dtype=gram_dtype(settings))
             return ModelStatistics.open(folder)
         except StatisticsError as error:
             raise StatisticsError(f"{error} (calibration data '{source.path}')") from None
         except SequentialUnsupported as error:  # this transformers version runs its layers otherwise
             LOG.warning("output_qp: %s; computing the statistics with a whole-model pass instead", error)
     return _whole_model_statistics(model_dir, batch_list, total, settings, device, trust_remote_code, description)
+
+
+def gram_dtype(settings: CalibrationSettings) -> torch.dtype:
+    if settings.gram_dtype not in GRAM_DTYPES:
+        raise ValueError(f"output_qp: invalid statistics_dtype {settings.gram_dtype!r}; valid: {', '.join(GRAM_DTYPES)}")
+    return getattr(torch, settings.gram_dtype)
 
 
 def _check_tokens(config, sequences, model_dir: str, source: CalibrationSource) -> None:
@@ -248,7 +262,7 @@ def _whole_model_statistics(model_dir: str, batch_list, total: int, settings: Ca
             for input_ids, mask in batch_list:
                 collector.observe(input_ids.to(device), mask.to(device))
                 bar.update(int(mask.sum()))
-        tensors = collector.tensors()
+        tensors = collector.tensors(gram_dtype(settings))
     except StatisticsError as error:
         raise StatisticsError(f"output_qp: model {model_dir!r} on calibration data "
                               f"'{description['calibration']}': {error}") from None

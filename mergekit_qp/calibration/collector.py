@@ -162,13 +162,14 @@ class StatisticsCollector:
     def skipped(self) -> Dict[str, str]:
         return dict(self._skipped)
 
-    def tensors(self) -> Dict[str, torch.Tensor]:
-        """Float32 means keyed ``<kind>/<module>/<statistic>``. Each module's float64 sums are
-        released as its means are made, so the pass never holds both for the whole model."""
+    def tensors(self, gram_dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
+        """Float32 means keyed ``<kind>/<module>/<statistic>``, the input Grams in `gram_dtype`
+        (rounded once from the float64 sums). Each module's float64 sums are released as its
+        means are made, so the pass never holds both for the whole model."""
         self._tokens = self.token_count()
         out: Dict[str, torch.Tensor] = {}
         for name, m in self._linear.items():
-            out[f"{LINEAR}/{name}/gram"] = m.second_moment().float().cpu()
+            out[f"{LINEAR}/{name}/gram"] = m.second_moment().to(gram_dtype).cpu()
             out[f"{LINEAR}/{name}/mean"] = m.mean().float().cpu()
             m.release()
         for name, m in self._norm.items():

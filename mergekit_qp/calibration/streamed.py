@@ -95,17 +95,19 @@ def _prefixed(collector: StatisticsCollector, tensors: Dict[str, torch.Tensor], 
 @torch.no_grad()
 def streamed_statistics(model_dir: str, config, batches: Sequence, device: torch.device, folder: str, *,
                         description: Dict[str, str], resume_every: Optional[float] = 120.0,
-                        after_layer: Optional[Callable[[int], None]] = None, spill: bool = False) -> str:
+                        after_layer: Optional[Callable[[int], None]] = None, spill: bool = False,
+                        gram_dtype: torch.dtype = torch.float32) -> str:
     """Compute the statistics of `model_dir` on `batches` of (input_ids, mask) into `folder` (a
     shard folder, see store.py) and return it. `resume_every`: seconds between saves of the
     hidden states (None: never; 0: after every layer). `after_layer(index)` is called as each
     layer's shard is written. `spill`: keep the hidden states on disk beside the shards, one
-    batch in memory at a time (for calibration sets whose hidden states do not fit)."""
+    batch in memory at a time (for calibration sets whose hidden states do not fit).
+    `gram_dtype`: the stored input Grams' dtype (statistics_dtype)."""
     partial = folder + ".partial"
     os.makedirs(partial, exist_ok=True)
     try:
         return _run(model_dir, config, batches, device, folder, partial, description, resume_every, after_layer,
-                    spill)
+                    spill, gram_dtype)
     except Exception:
         # An error (bad weights, a failed write) would recur on resuming: leave nothing behind.
         # A kill, or Ctrl-C, keeps the folder, to resume from.
@@ -114,7 +116,7 @@ def streamed_statistics(model_dir: str, config, batches: Sequence, device: torch
 
 
 def _run(model_dir, config, batches, device, folder: str, partial: str, description, resume_every,
-         after_layer, spill: bool) -> str:
+         after_layer, spill: bool, gram_dtype: torch.dtype) -> str:
     from tqdm.auto import tqdm
 
     backbone = Backbone(config, sequential=False)
@@ -140,7 +142,7 @@ def _run(model_dir, config, batches, device, folder: str, partial: str, descript
     sink.clear()
     if first == 0:
         hidden.advance(0)
-    before = outer.tensors()
+    before = outer.tensors(gram_dtype)
     aliases, transposed = dict(outer.aliases), list(outer.transposed)
     seen = {key.split("/")[1] for key in before} | set(outer.aliases)
     outer.close()
@@ -158,7 +160,8 @@ def _run(model_dir, config, batches, device, folder: str, partial: str, descript
             hidden.write(b, (out[0] if isinstance(out, (tuple, list)) else out).float())
             del x, out
         collector.close()
-        named, layer_aliases, layer_transposed = _prefixed(collector, collector.tensors(), f"{layers_path}.{index}.")
+        named, layer_aliases, layer_transposed = _prefixed(collector, collector.tensors(gram_dtype),
+                                                            f"{layers_path}.{index}.")
         _save(model_dir, partial, layer_file(index), named,
               {"aliases": json.dumps(layer_aliases), "transposed": json.dumps(layer_transposed)})
         del layer, collector, named
@@ -183,7 +186,7 @@ def _run(model_dir, config, batches, device, folder: str, partial: str, descript
         tail.observe(input_ids.to(device), mask.to(device))
     last.clear()
     tail.close()
-    after = tail.tensors()
+    after = tail.tensors(gram_dtype)
     aliases.update(tail.aliases)
     transposed += tail.transposed
     base_model_prefix = getattr(model, "base_model_prefix", "") or ""
@@ -251,8 +254,10 @@ class HiddenStates:
         except Exception as error:  # unreadable, or from other batches: start again
             LOG.warning("output_qp: not resuming the statistics pass in %s (%s)", self.partial, error)
             return 0
+        if first == 0:  # nothing saved: a fresh pass
+            return 0
         shards = all(os.path.exists(os.path.join(self.partial, layer_file(i))) for i in range(first))
-        if not (shards and 0 < first <= num_layers):
+        if not (shards and first <= num_layers):
             LOG.warning("output_qp: not resuming the statistics pass in %s (its shards are not all there)", self.partial)
             return 0
         if hidden is not None:

@@ -67,7 +67,8 @@ class SolveSettings:
 def augmented_gram(gram: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """The Gram of [x, 1] (homogeneous coordinates) from E[x xᵀ] and E[x]."""
     d = gram.shape[0]
-    out = gram.new_ones((d + 1, d + 1))
+    # At least float32: a mean rounded to a bfloat16 Gram's precision would move the bias.
+    out = gram.new_ones((d + 1, d + 1), dtype=torch.promote_types(gram.dtype, torch.float32))
     out[:d, :d] = gram
     out[:d, d] = mean
     out[d, :d] = mean
@@ -154,7 +155,7 @@ def solve_linear(base_weight: torch.Tensor, expert_weights: Sequence[torch.Tenso
         return w.double().T if transposed else w.double()
 
     if with_bias:
-        grams = [augmented_gram(g, s.mean.to(device, g.dtype)) for g, s in zip(grams, stats)]
+        grams = [augmented_gram(g, s.mean.to(device)) for g, s in zip(grams, stats)]
     m = base_weight.shape[1] if transposed else base_weight.shape[0]
     system = None
     if settings.basis.kind == "full" and not settings.svc and not expert_output:

@@ -7,13 +7,14 @@ from typing import Any, Dict, Optional, Tuple
 
 from mergekit.merge_methods.base import ParameterScope, ParameterSpec
 
+from ..calibration.cache import GRAM_DTYPES
 from ..core.problems import FALLBACKS, Basis, SolveSettings
 
 METHOD_NAME = "output_qp"
 TARGETS = ("merged_inputs", "expert_outputs")
 # Settings of the forward passes: one value for the whole merge, so plain top-level scalars.
 CALIBRATION_SETTINGS = ("calibration_field", "calibration_samples", "calibration_seq_len",
-                        "calibration_seed", "cache_dir", "sequential", "target")
+                        "calibration_seed", "cache_dir", "sequential", "target", "statistics_dtype")
 # The argument through which each planned output_qp task hands its merge's state to the method.
 MERGE_STATE = "merge_state"
 
@@ -46,6 +47,8 @@ def _parameters() -> Tuple[ParameterSpec, ...]:
         shared("nonneg", bool, False, "task basis: coefficients ≥ 0"),
         shared("sum_to_one", bool, False, "task basis: coefficients sum to one"),
         shared("fallback", str, "linear", "method for tensors without statistics: " + " | ".join(FALLBACKS)),
+        shared("statistics_dtype", str, "float32",
+               "dtype of the stored input Grams: float32 | bfloat16 (half the disk; see docs/scale.md)"),
         shared("cache_dir", Optional[str], None, "statistics cache folder (default $MERGEKIT_QP_CACHE or ~/.cache/mergekit_qp)"),
         shared("svc", bool, False, "singular value calibration of each solved 2-D weight update (arXiv 2602.05536)"),
         shared("svc_alpha", Optional[float], None, "svc: floor α of the overlap divisor; default 1/K"),
@@ -71,6 +74,11 @@ def validate_values(params: Dict[str, Any], where: str = "") -> None:
         raise ValueError(
             f"output_qp: invalid fallback {params['fallback']!r}{at}; valid: {', '.join(FALLBACKS)}"
         )
+    if params.get("statistics_dtype", GRAM_DTYPES[0]) not in GRAM_DTYPES:
+        value = params["statistics_dtype"]
+        why = (" (float16 overflows: the squared activations of LLMs exceed its range of 65504)"
+               if value == "float16" else "")
+        raise ValueError(f"output_qp: invalid statistics_dtype {value!r}{at}; valid: {', '.join(GRAM_DTYPES)}{why}")
     if params.get("target", TARGETS[0]) not in TARGETS:
         raise ValueError(f"output_qp: invalid target {params['target']!r}{at}; valid: {', '.join(TARGETS)}")
     if basis.kind != "task" and (params.get("nonneg") or params.get("sum_to_one")):

@@ -20,9 +20,9 @@ from mergekit_qp.calibration.store import ModelStatistics
 SETTINGS = CalibrationSettings(samples=8, seq_len=16, max_batch_tokens=40)  # several padded batches
 
 
-def statistics(paths, folder=None, expert="expert_a", **kwargs):
+def statistics(paths, folder=None, expert="expert_a", settings=SETTINGS, **kwargs):
     source = CalibrationSource(path=str(paths["calib_a"]))
-    return compute_statistics(str(paths[expert]), str(paths["base"]), source, SETTINGS, torch.device("cpu"),
+    return compute_statistics(str(paths[expert]), str(paths["base"]), source, settings, torch.device("cpu"),
                               folder=None if folder is None else str(folder), **kwargs)
 
 
@@ -81,6 +81,30 @@ def test_a_killed_pass_resumes_after_the_last_saved_layer(llama, tmp_path):
     assert not (folder / "resume.safetensors").exists()
     fresh = statistics(llama, tmp_path / "fresh", resume_every=None)
     assert_same(resumed, fresh, exact=True)
+
+
+def test_a_fresh_pass_does_not_warn_about_resuming(llama, tmp_path, caplog):
+    statistics(llama, tmp_path / "stats", resume_every=None)
+    assert "resum" not in caplog.text
+
+
+def test_bfloat16_grams_are_the_float32_ones_rounded_once_and_the_rest_is_unchanged(llama, tmp_path):
+    """statistics_dtype: bfloat16 stores each input Gram rounded once from the float64 sums;
+    means, norm and embedding statistics stay float32. The whole-model pass agrees."""
+    import dataclasses
+
+    f32 = statistics(llama, tmp_path / "f32")
+    settings = dataclasses.replace(SETTINGS, gram_dtype="bfloat16")
+    bf16, whole = statistics(llama, tmp_path / "bf16", settings=settings), statistics(llama, settings=settings)
+    for key in f32._keys:
+        x, y = f32._get(key), bf16._get(key)
+        if key.endswith("/gram"):
+            assert y.dtype == torch.bfloat16 and torch.equal(whole._get(key), y), key
+            # once-rounded from float64 ≈ the float32 value rounded (double rounding aside)
+            assert ((x.to(torch.bfloat16).float() - y.float()).abs() <= 2 ** -7 * x.abs()).all(), key
+        else:
+            assert y.dtype == torch.float32 and torch.equal(x, y), key
+    assert bf16.metadata["gram_dtype"] == "bfloat16"
 
 
 def test_a_pass_without_saved_hidden_states_or_with_unusable_ones_starts_again(llama, tmp_path):

@@ -197,6 +197,9 @@ def llama(tmp_path_factory):
         ({"parameters": {"ridge": float("nan")}}, "ridge must be finite"),
         ({"model_parameters": {"ridge": 0.1}}, "'ridge' in models[0]"),
         ({"parameters": {"calibration_samples": [8, 16]}}, "must be a plain value in the top-level parameters"),
+        ({"parameters": {"statistics_dtype": "float16"}}, "invalid statistics_dtype 'float16' (parameters); valid: "
+                                                          "float32, bfloat16 (float16 overflows"),
+        ({"model_parameters": {"statistics_dtype": "bfloat16"}}, "'statistics_dtype' in models[0]"),
     ],
 )
 def test_bad_configuration_fails_before_writing_anything(tmp_path, llama, change, message):

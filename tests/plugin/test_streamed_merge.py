@@ -72,3 +72,40 @@ def compare_with_whole_model_pass(llama, tmp_path, monkeypatch, parameters):
           json.loads((outs["whole"] / "merge_report.json").read_text()))
     cache.STATISTICS.clear()
     monkeypatch.undo()
+
+
+def test_bfloat16_statistics_merge_with_the_same_outputs_from_half_the_disk(llama, tmp_path):
+    """statistics_dtype: bfloat16 stores the Grams in half the bytes, in cache entries of their
+    own. On the calibration inputs (measured with the float32 Grams) the merged linear maps
+    give the float32 merge's outputs to within a few percent of the update's, and ρ agrees;
+    the weights themselves may differ more, in directions the data barely excites
+    (docs/scale.md, "Statistics in bfloat16")."""
+    from mergekit_qp.calibration.store import ModelStatistics
+
+    outs, reports = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        cache.STATISTICS.clear()
+        config = tiny_models.write_config(tmp_path / f"{dtype}.yml", llama, "output_qp",
+                                          {"statistics_dtype": dtype})
+        result = run_in_process(config, tmp_path / dtype, tmp_path / f"cache-{dtype}")
+        assert result.exit_code == 0, result.output
+        outs[dtype] = load_file(str(tmp_path / dtype / "model.safetensors"))
+        reports[dtype] = json.loads((tmp_path / dtype / "merge_report.json").read_text())
+    cache.STATISTICS.clear()
+    entries = {d: [p for p in (tmp_path / f"cache-{d}").iterdir() if p.is_dir()] for d in outs}
+    size = {d: sum(f.stat().st_size for p in entries[d] for f in p.rglob("*.safetensors")) for d in outs}
+    assert len(entries["bfloat16"]) == 2 and size["bfloat16"] < 0.6 * size["float32"]
+    assert reports["bfloat16"]["rho"] == pytest.approx(reports["float32"]["rho"], abs=1e-3)
+    grams = ModelStatistics.open(str(entries["float32"][0]))  # one expert's float32 Grams
+    base = load_file(str(llama["base"] / "model.safetensors"))
+    moved = 0
+    for name, f32 in outs["float32"].items():
+        stats = grams.lookup(name.rpartition(".")[0])
+        if f32.ndim != 2 or stats is None or not hasattr(stats, "gram"):
+            continue
+        g = stats.gram.double()
+        update, difference = f32.double() - base[name].double(), outs["bfloat16"][name].double() - f32.double()
+        output_norm = lambda w: float(((w @ g) * w).sum()) ** 0.5  # noqa: E731  ‖W x‖ over the inputs
+        assert output_norm(difference) <= 0.1 * output_norm(update), name  # measured: ≤ 5.4 %
+        moved += not torch.equal(outs["bfloat16"][name], f32)
+    assert moved > 0
