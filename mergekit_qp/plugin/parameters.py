@@ -48,7 +48,7 @@ def _parameters() -> Tuple[ParameterSpec, ...]:
         shared("sum_to_one", bool, False, "task basis: coefficients sum to one"),
         shared("fallback", str, "linear", "method for tensors without statistics: " + " | ".join(FALLBACKS)),
         shared("statistics_dtype", str, "float32",
-               "dtype of the stored input Grams: float32 | bfloat16 (half the disk; see docs/scale.md)"),
+               "dtype of the stored input Grams: float32 | bfloat16 (half the disk, lower ρ; docs/scale.md)"),
         shared("cache_dir", Optional[str], None, "statistics cache folder (default $MERGEKIT_QP_CACHE or ~/.cache/mergekit_qp)"),
         shared("svc", bool, False, "singular value calibration of each solved 2-D weight update (arXiv 2602.05536)"),
         shared("svc_alpha", Optional[float], None, "svc: floor α of the overlap divisor; default 1/K"),
