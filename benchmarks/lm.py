@@ -282,12 +282,16 @@ def eval_windows(build: Build, tokenizer, root: Path) -> dict:
     return windows
 
 
-def train(model, streams: list, *, steps: int, batch: int, lr: float, seed: int, cosine: bool, desc: str) -> dict:
-    """AdamW on random windows; batch rows cycle over `streams` so a mix is balanced."""
+def train(model, streams: list, *, steps: int, batch: int, lr: float, seed: int, cosine: bool, desc: str,
+          context: int | None = None, bf16: bool = False) -> dict:
+    """AdamW on random windows; batch rows cycle over `streams` so a mix is balanced.
+
+    `context`: window length (default the model's whole context). `bf16`: forward and backward under
+    bfloat16 autocast (the float32 weights and optimiser stay float32): 3x faster on CPUs with AMX."""
     import torch
     from tqdm import tqdm
 
-    context = model.config.max_position_embeddings
+    context = context or model.config.max_position_embeddings
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(1, steps // 10)
@@ -306,7 +310,8 @@ def train(model, streams: list, *, steps: int, batch: int, lr: float, seed: int,
             i = int(torch.randint(0, len(s) - context, (1,), generator=gen))
             rows.append(s[i:i + context])
         ids = torch.stack(rows)
-        loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
