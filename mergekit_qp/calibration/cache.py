@@ -47,6 +47,7 @@ class CalibrationSettings:
     cache_dir: Optional[str] = None
     max_batch_tokens: int = 4096
     gram_dtype: str = "float32"  # the stored input Grams' dtype (statistics_dtype)
+    packing: bool = False  # join short records into full windows (calibration_packing)
 
     @staticmethod
     def from_params(params) -> "CalibrationSettings":
@@ -57,6 +58,7 @@ class CalibrationSettings:
             field=params.get("calibration_field"),
             cache_dir=params.get("cache_dir"),
             gram_dtype=params.get("statistics_dtype") or "float32",
+            packing=bool(params.get("calibration_packing", False)),
         )
 
 
@@ -111,6 +113,7 @@ class StatisticsCache:
             "seed": str(settings.seed),
             # float32 caches keep the key they had before the option existed
             **({"gram_dtype": settings.gram_dtype} if settings.gram_dtype != "float32" else {}),
+            **({"packing": "1"} if settings.packing else {}),
         })
         with self._lock:
             if key in self._by_key:
@@ -192,12 +195,9 @@ def compute_statistics(model_dir: str, base_dir: str, source: CalibrationSource,
             f"data '{source.path}': add the tokenizer files to the base model or give pre-tokenised input_ids"
         )
     sequences = tokenize_calibration(records, tokenizer, samples=settings.samples, seq_len=settings.seq_len,
-                                     seed=settings.seed, source_name=source.path)
+                                     seed=settings.seed, source_name=source.path, pack=settings.packing)
     total = sum(len(s) for s in sequences)
-    if len(sequences) < settings.samples:
-        LOG.warning("output_qp: calibration data '%s' gives %d sequences (%d tokens) for %s, fewer than "
-                    "calibration_samples: %d; statistics use what there is", source.path, len(sequences), total,
-                    model_dir, settings.samples)
+    report_budget(source.path, model_dir, len(sequences), total, settings)
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
     config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True,
                                                      trust_remote_code=trust_remote_code)
@@ -222,6 +222,23 @@ def compute_statistics(model_dir: str, base_dir: str, source: CalibrationSource,
         except SequentialUnsupported as error:  # this transformers version runs its layers otherwise
             LOG.warning("output_qp: %s; computing the statistics with a whole-model pass instead", error)
     return _whole_model_statistics(model_dir, batch_list, total, settings, device, trust_remote_code, description)
+
+
+def report_budget(path: str, model_dir: str, count: int, tokens: int, settings: CalibrationSettings) -> None:
+    """Log the tokens a calibration set gives; warn where it gives well under the budget
+    calibration_samples x calibration_seq_len, and say why (too little data, or short records)."""
+    budget = settings.samples * settings.seq_len
+    LOG.info("output_qp: calibration '%s' for %s: %d sequences, %d tokens (budget %d x %d = %d)", path, model_dir,
+             count, tokens, settings.samples, settings.seq_len, budget)
+    if count < settings.samples:
+        LOG.warning("output_qp: calibration data '%s' gives %d sequences (%d tokens) for %s, fewer than "
+                    "calibration_samples: %d; statistics use what there is", path, count, tokens, model_dir,
+                    settings.samples)
+    elif tokens < budget / 2:
+        LOG.warning("output_qp: calibration data '%s' gives %d tokens for %s, %.0f%% of the budget %d x %d: its "
+                    "records are shorter than calibration_seq_len; set calibration_packing: true to join them "
+                    "into full windows", path, tokens, model_dir, 100 * tokens / budget, settings.samples,
+                    settings.seq_len)
 
 
 def gram_dtype(settings: CalibrationSettings) -> torch.dtype:

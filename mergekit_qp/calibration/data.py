@@ -292,12 +292,18 @@ def tokenize_calibration(
     seq_len: int,
     seed: int = 0,
     source_name: str = "calibration",
+    pack: bool = False,
 ) -> list["torch.LongTensor"]:
     """Turn records into at most ``samples`` 1-D LongTensors of at most ``seq_len`` ids.
 
     Records longer than ``seq_len`` are cut into consecutive windows; each window is
     a candidate.  With more candidates than ``samples``, a seeded permutation picks
     which to keep, and they are returned in their original order (deterministic).
+
+    ``pack``: the records are first joined into one stream (each followed by the
+    tokenizer's end-of-sequence token, where it has one) and cut into full windows of
+    ``seq_len``, so short records (one sentence, one quote) fill the budget of
+    ``samples`` x ``seq_len`` tokens instead of giving one short sequence each.
     """
     import torch
 
@@ -331,6 +337,11 @@ def tokenize_calibration(
                 )
             token_lists.append(list(r))
 
+    if pack:
+        eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+        stream = [t for ids in token_lists for t in (*ids, *([eos] if isinstance(eos, int) else []))]
+        # full windows only, unless the whole stream is shorter than one
+        token_lists = [stream] if len(stream) <= seq_len else [stream[: len(stream) // seq_len * seq_len]]
     # A trailing window of one token carries no next-token context; drop it unless
     # the whole record is that short (or seq_len itself is 1).
     min_window = min(2, seq_len)
@@ -399,11 +410,12 @@ def load_calibration(
     samples: int,
     seq_len: int,
     seed: int = 0,
+    pack: bool = False,
 ) -> list["torch.LongTensor"]:
     """Convenience: :func:`load_records` then :func:`tokenize_calibration`."""
     if isinstance(source, str):
         source = CalibrationSource(source)
     records = load_records(source)
     return tokenize_calibration(
-        records, tokenizer, samples=samples, seq_len=seq_len, seed=seed, source_name=source.path
+        records, tokenizer, samples=samples, seq_len=seq_len, seed=seed, source_name=source.path, pack=pack
     )

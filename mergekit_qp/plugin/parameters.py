@@ -14,7 +14,8 @@ METHOD_NAME = "output_qp"
 TARGETS = ("merged_inputs", "expert_outputs")
 # Settings of the forward passes: one value for the whole merge, so plain top-level scalars.
 CALIBRATION_SETTINGS = ("calibration_field", "calibration_samples", "calibration_seq_len",
-                        "calibration_seed", "cache_dir", "sequential", "target", "statistics_dtype")
+                        "calibration_packing", "calibration_seed", "cache_dir", "sequential", "target",
+                        "statistics_dtype")
 # The argument through which each planned output_qp task hands its merge's state to the method.
 MERGE_STATE = "merge_state"
 
@@ -38,6 +39,8 @@ def _parameters() -> Tuple[ParameterSpec, ...]:
         shared("calibration_field", Optional[str], None, "text (or input_ids) field; default text"),
         shared("calibration_samples", int, 128, "number of calibration sequences per expert"),
         shared("calibration_seq_len", int, 512, "maximum tokens per calibration sequence"),
+        shared("calibration_packing", bool, False,
+               "join the records (each followed by EOS) into full windows of calibration_seq_len tokens"),
         shared("calibration_seed", int, 0, "seed of the deterministic sample selection"),
         shared("basis", str, "full", "full | diagonal | task | rank-N"),
         shared("sequential", bool, False, "layer by layer: statistics on the inputs of the already-merged layers"),

@@ -142,7 +142,7 @@ def calibration_batches(setup: SequentialSetup):
         source = CalibrationSource(path=str(path), field=setup.settings.field)
         sequences = tokenize_calibration(load_records(source), tokenizer, samples=setup.settings.samples,
                                          seq_len=setup.settings.seq_len, seed=setup.settings.seed,
-                                         source_name=source.path)
+                                         source_name=source.path, pack=setup.settings.packing)
         out.append(list(batches(sequences, max_tokens=setup.settings.max_batch_tokens, pad_id=pad_id)))
     return out
 

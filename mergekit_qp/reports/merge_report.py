@@ -69,6 +69,20 @@ def build_report(records: Sequence[Dict], tasks: Optional[Sequence[str]] = None,
     }
 
 
+def _token_lines(settings: Dict) -> List[str]:
+    """The calibration tokens each expert's statistics rest on, with the budget asked for."""
+    tokens = settings.get("calibration_tokens")
+    if not tokens:
+        return []
+    budget = ""
+    if "calibration_samples" in settings and "calibration_seq_len" in settings:
+        budget = (f" (budget {settings['calibration_samples']} × {settings['calibration_seq_len']} = "
+                  f"{settings['calibration_samples'] * settings['calibration_seq_len']}"
+                  f"{', packed' if settings.get('calibration_packing') else ''})")
+    return [f"Calibration tokens per expert{budget}: "
+            + ", ".join(f"{os.path.basename(m.rstrip('/')) or m} {n}" for m, n in tokens.items()), ""]
+
+
 def render_markdown(report: Dict) -> str:
     tasks = report["tasks"]
     lines = [
@@ -79,6 +93,7 @@ def render_markdown(report: Dict) -> str:
         "",
         f"**Overall ρ = {report['rho']:.4f}**",
         "",
+        *_token_lines(report.get("settings", {})),
         "| task | ρ |",
         "|---|---|",
         *[f"| {t} | {_cell(report['rho_by_task'][t])} |" for t in tasks],

@@ -106,3 +106,13 @@ def test_gram_matches_brute_force_with_relative_tolerance(llama):
     scale = torch.sqrt(torch.outer(expected.diagonal(), expected.diagonal()))
     assert ((got - expected).abs() / scale).max() < 1e-5
     assert stats.tokens == len(x)
+
+
+def test_packing_is_a_cache_entry_of_its_own(llama):
+    """calibration_packing changes the tokens, so it names another cache entry."""
+    paths, root = llama
+    cache = StatisticsCache()
+    plain = request(cache, paths, root, samples=4, seq_len=8)
+    packed = request(cache, paths, root, samples=4, seq_len=8, packing=True)
+    assert plain.path != packed.path
+    assert packed.tokens == 4 * 8  # every window full

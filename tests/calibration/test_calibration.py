@@ -363,6 +363,36 @@ def test_tokenize_text_adds_special_tokens_and_windows(tokenizer):
     assert torch.cat(out).tolist() == expected[:21]
 
 
+def test_packing_joins_records_into_full_windows(tokenizer):
+    """Packed: every record's tokens then EOS, one stream, cut into full windows (the tail that
+    does not fill one is dropped); the seeded choice then picks among the windows."""
+    eos = tokenizer.convert_tokens_to_ids("<pad>")
+    tokenizer.eos_token = "<pad>"  # the fixture's tokenizer has no EOS: lend it one
+    try:
+        records = [TEXTS[i % 3] for i in range(7)]
+        stream = []
+        for r in records:
+            stream += tokenizer(r, add_special_tokens=True)["input_ids"] + [eos]
+        out = tokenize_calibration(records, tokenizer, samples=100, seq_len=8, pack=True)
+        assert [len(s) for s in out] == [8] * (len(stream) // 8)
+        assert torch.cat(out).tolist() == stream[: len(stream) // 8 * 8]
+        unpacked = tokenize_calibration(records, tokenizer, samples=100, seq_len=8)
+        assert len(unpacked) > len(out) and sum(len(s) for s in unpacked) < len(stream)
+        # a budget smaller than the windows: `samples` full windows, in stream order
+        few = tokenize_calibration(records, tokenizer, samples=2, seq_len=8, pack=True, seed=1)
+        windows = [stream[i:i + 8] for i in range(0, len(stream) // 8 * 8, 8)]
+        assert len(few) == 2 and all(s.tolist() in windows for s in few)
+        assert windows.index(few[0].tolist()) < windows.index(few[1].tolist())
+        # a stream shorter than one window stays whole
+        short = tokenize_calibration([TEXTS[0]], tokenizer, samples=4, seq_len=500, pack=True)
+        assert [s.tolist() for s in short] == [tokenizer(TEXTS[0])["input_ids"] + [eos]]
+    finally:
+        tokenizer.eos_token = None
+    # token ids without a tokenizer: joined as they are (no EOS to add)
+    out = tokenize_calibration(IDS, None, samples=10, seq_len=3, pack=True)
+    assert [s.tolist() for s in out] == [[5, 6, 7], [8, 9, 10], [11, 12, 13]]
+
+
 def test_tokenize_many_records(tokenizer):
     # More records than one tokenizer call handles: every one must be tokenised.
     records = [TEXTS[i % 3] for i in range(2500)]

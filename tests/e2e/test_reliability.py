@@ -162,6 +162,9 @@ def world(tmp_path_factory):
     (data / "body.jsonl").write_text(json.dumps({"body": "w1 w2"}) + "\n")
     (data / "two.jsonl").write_text(json.dumps({"text": "w1 w2 w3"}) + "\n" + json.dumps({"text": "w4"}) + "\n")
     long_texts(data / "long.jsonl")
+    # one short record per line (a quote, a sentence): far fewer tokens than samples x seq_len unpacked
+    (data / "short.jsonl").write_text("".join(json.dumps({"text": f"w{i % 20} w{(i + 7) % 20} w{(i + 3) % 20}"}) + "\n"
+                                              for i in range(200)))
     long_texts(data / "longer.jsonl", n=3, words=90)
     world = {
         **paths, "root": root, "data": data,
@@ -250,6 +253,8 @@ def _jobs(w) -> dict:
         "texts longer than calibration_seq_len": dict(calibration={0: d / "long.jsonl"},
                                                       parameters={"calibration_seq_len": 8,
                                                                   "calibration_samples": 1000}),
+        "short records": dict(calibration={0: d / "short.jsonl"}),
+        "short records packed": dict(calibration={0: d / "short.jsonl"}, parameters={"calibration_packing": True}),
         "rank larger than the matrix": dict(parameters={"basis": "rank-1000"}),
         "float16 overflow": dict(half="float16"),
         "bfloat16": dict(half="bfloat16"),
@@ -379,6 +384,36 @@ def test_texts_longer_than_seq_len_are_cut_into_windows(driven, world):
     expected = sum(n - (1 if n % 8 == 1 else 0) for n in lengths)
     meta = cache_entries(cache)[entry_of(cache, world["expert_a"]).name]
     assert int(meta["tokens"]) == expected and meta["seq_len"] == "8"
+    assert looks_complete(out)
+
+
+def test_short_records_warn_and_packing_fills_the_budget(driven, world):
+    """One short record per line gives SAMPLES short sequences, under half the budget: a warning
+    names calibration_packing. Packed, the records (each followed by EOS) fill SAMPLES full windows,
+    and the report states the tokens each expert's statistics rest on."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(world["base"])
+    records = [json.loads(line)["text"] for line in (world["data"] / "short.jsonl").read_text().splitlines()]
+    per_record = len(tokenizer(records[0])["input_ids"])
+    assert SAMPLES * per_record < SAMPLES * SEQ_LEN / 2
+    result, out, cache = driven["short records"]
+    assert result["ok"], result.get("traceback")
+    log = " ".join(result["log"])
+    assert "short.jsonl' gives" in log and "set calibration_packing: true" in log
+    meta = cache_entries(cache)[entry_of(cache, world["expert_a"]).name]
+    assert int(meta["tokens"]) == SAMPLES * per_record
+
+    result, out, cache = driven["short records packed"]
+    assert result["ok"], result.get("traceback")
+    assert "calibration_packing" not in " ".join(result["log"])
+    meta = cache_entries(cache)[entry_of(cache, world["expert_a"]).name]
+    assert int(meta["tokens"]) == SAMPLES * SEQ_LEN
+    report = json.loads((out / "merge_report.json").read_text())
+    tokens = report["settings"]["calibration_tokens"]
+    assert tokens[str(world["expert_a"])] == SAMPLES * SEQ_LEN
+    assert f"Calibration tokens per expert (budget {SAMPLES} × {SEQ_LEN} = {SAMPLES * SEQ_LEN}, packed)" in \
+        (out / "merge_report.md").read_text()
     assert looks_complete(out)
 
 
