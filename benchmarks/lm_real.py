@@ -72,24 +72,36 @@ class RealBuild:
     eval_windows: int  # per domain
     calibration_windows: int  # the default budget per expert (windows of `context` tokens)
     budgets: tuple  # calibration windows of the budget sweep
+    domain_steps: tuple = ()  # (domain, steps) where a domain needs more steps to gain MIN_GAIN
 
     def data_key(self) -> str:
         fields = {k: getattr(self, k) for k in ("smoke", "domains", "chars_per_domain", "context")}
         payload = json.dumps([fields, DATA_VERSION, sys.version_info[:2]], sort_keys=True)
         return ("smoke-" if self.smoke else "full-") + hashlib.sha256(payload.encode()).hexdigest()[:12]
 
+    def steps_of(self, domain: str) -> int:
+        return dict(self.domain_steps).get(domain, self.expert_steps)
+
+    def expert_folder(self, root: Path, seed: int, domain: str) -> Path:
+        steps = self.steps_of(domain)
+        leaf = domain if steps == self.expert_steps else f"{domain}-steps{steps}"
+        return root / "experts" / f"lr{self.expert_lr:g}-steps{self.expert_steps}x{self.expert_batch}-seed{seed}" / leaf
+
     def expert_name(self, seed: int) -> str:
-        return f"lr{self.expert_lr:g}-steps{self.expert_steps}x{self.expert_batch}-seed{seed}"
+        """The experts of one seed (names the saved rows, so other experts never reuse them)."""
+        extra = "".join(f"-{d}{n}" for d, n in self.domain_steps)
+        return f"lr{self.expert_lr:g}-steps{self.expert_steps}x{self.expert_batch}{extra}-seed{seed}"
 
     def tokens(self, windows: int) -> str:
         return f"{windows * self.context // 1024}k" if windows * self.context >= 1024 else str(windows * self.context)
 
 
-# 60 steps of 4 x 256 tokens at lr 1e-4 (about 2 min per expert on 2 cores with AMX bfloat16):
-# every expert gains more than MIN_GAIN on its own domain (build.json has the numbers).
+# 60 steps of 4 x 256 tokens at lr 1e-4 (about 2.5 min per expert on 2 cores with AMX bfloat16):
+# man, prose and german gain 0.6-0.9 nats/token on their own domain; code, which SmolLM2 already
+# knows well, gained 0.19 and 0.21 in 60 steps, so it takes 120 (build.json has the numbers).
 FULL = RealBuild(smoke=False, domains=("code", "man", "prose", "german"), chars_per_domain=3_000_000, context=256,
                  expert_steps=60, expert_batch=4, expert_lr=1e-4, eval_windows=32, calibration_windows=64,
-                 budgets=(32, 128, 256))
+                 budgets=(32, 128, 256), domain_steps=(("code", 120),))
 SMOKE = RealBuild(smoke=True, domains=lm.DOMAINS, chars_per_domain=100_000, context=64, expert_steps=20,
                   expert_batch=8, expert_lr=3e-3, eval_windows=8, calibration_windows=16, budgets=(8,))
 
@@ -203,14 +215,14 @@ def build_models(build: RealBuild, root: Path, seeds: list[int]) -> dict:
     for seed in seeds:
         experts[seed] = {}
         for i, d in enumerate(build.domains):
-            folder = root / "experts" / build.expert_name(seed) / d
+            folder = build.expert_folder(root, seed, d)
             experts[seed][d] = folder
             if (folder / "config.json").is_file():
                 continue
             folder.parent.mkdir(parents=True, exist_ok=True)
             model = LlamaForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-            log[f"seed{seed}/{d}"] = lm.train(
-                model, [streams[d]], steps=build.expert_steps, batch=build.expert_batch, lr=build.expert_lr,
+            log[f"seed{seed}/{folder.name}"] = lm.train(
+                model, [streams[d]], steps=build.steps_of(d), batch=build.expert_batch, lr=build.expert_lr,
                 seed=1000 * seed + i + 1, cosine=False, desc=f"seed {seed} {d}", context=build.context,
                 bf16=not build.smoke)
             lm.save_model(model.to(dtype), tokenizer, folder)
@@ -480,7 +492,8 @@ def main() -> None:
         "mergekit": getattr(mergekit, "__version__", "0.1.5"), "threads": args.threads,
         "build": dataclasses.asdict(build), "seeds": seeds, "data_chars": sizes, "training": models["log"],
         "experts": (f"full fine-tunes of the base, {build.expert_steps} steps of {build.expert_batch} x "
-                    f"{build.context} tokens, AdamW lr {build.expert_lr:g}"),
+                    f"{build.context} tokens, AdamW lr {build.expert_lr:g}"
+                    + "".join(f"; {d}: {n} steps" for d, n in build.domain_steps)),
         "budget": {"calibration": f"{build.calibration_windows} windows x {build.context} tokens per expert",
                    "eval": f"{build.eval_windows} windows x {build.context} tokens"},
         "min_gain_nats": MIN_GAIN,

@@ -1,4 +1,5 @@
-"""One headline table from benchmarks/results/{clf,lm}.json (the README's benchmark table).
+"""One headline table from benchmarks/results/{lm_real,clf,lm}.json (the README's benchmark table):
+lm-real (SmolLM2-135M, the models people merge) first, clf and lm beside it.
 
     python benchmarks/summary.py            # prints it and writes benchmarks/results/summary.md
 """
@@ -19,24 +20,27 @@ def pm(entry: dict, key: str) -> str:
 
 
 def render(results: Path = RESULTS) -> str:
+    real = json.loads((results / "lm_real.json").read_text())["methods"]
     clf = json.loads((results / "clf.json").read_text())
     lm = json.loads((results / "lm.json").read_text())
     gentle, hard = lm["settings"]["gentle"]["methods"], lm["settings"]["hard"]["methods"]
-    # the grid's order (each _svc row beside its method), whichever suite has the most rows
-    names = [n for n in gentle if not n.startswith("expert:")]
-    names += [n for n in clf["methods"] if n not in names and not n.startswith("expert:")]
+    # lm-real's order (each _svc row beside its method), then rows only the other suites have
+    names = [n for n in real if not n.startswith("expert:")]
+    for suite in (gentle, clf["methods"]):
+        names += [n for n in suite if n not in names and not n.startswith("expert:")]
     lines = [
-        "| method | clf gain kept | clf accuracy (mean of 4) | lm gentle gain kept | lm gentle mean loss "
-        "| lm hard gain kept | lm hard mean loss | merge s × ties (clf / lm) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | lm-real gain kept | lm-real mean loss | lm-real worst Δ vs base | clf gain kept "
+        "| clf accuracy (mean of 4) | lm gentle gain kept | lm hard gain kept | merge s × ties (lm-real / clf / lm) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in names:
-        c, g, h = clf["methods"].get(name, {}), gentle.get(name, {}), hard.get(name, {})
-        ratio = " / ".join(fmt(x.get("wall_vs_ties"), 2) for x in (c, g))
-        lines.append(f"| {name} | {pm(c, 'gain_kept')} | {fmt(c.get('accuracy'))} | {pm(g, 'gain_kept')} "
-                     f"| {fmt(g.get('mean_loss'))} | {pm(h, 'gain_kept')} | {fmt(h.get('mean_loss'))} "
-                     f"| {ratio if name not in ('base',) else '–'} |")
-    corr = (f"Spearman correlation of ρ with gain kept across merge methods: clf "
+        r, c, g, h = real.get(name, {}), clf["methods"].get(name, {}), gentle.get(name, {}), hard.get(name, {})
+        ratio = " / ".join(fmt(x.get("wall_vs_ties"), 2) for x in (r, c, g))
+        lines.append(f"| {name} | {pm(r, 'gain_kept')} | {fmt(r.get('mean_loss'))} | {fmt(r.get('worst_vs_base'))} "
+                     f"| {pm(c, 'gain_kept')} | {fmt(c.get('accuracy'))} | {pm(g, 'gain_kept')} "
+                     f"| {pm(h, 'gain_kept')} | {ratio if name not in ('base',) else '–'} |")
+    real_corr = json.loads((results / "lm_real.json").read_text()).get("spearman_rho_vs_gain_kept")
+    corr = (f"Spearman correlation of ρ with gain kept across merge methods: lm-real {fmt(real_corr, 2)}, clf "
             f"{fmt(clf['correlation']['spearman_rho_vs_gain_kept'], 2)}, lm gentle "
             f"{fmt(lm['settings']['gentle']['spearman_rho_vs_gain_kept'], 2)}, lm hard "
             f"{fmt(lm['settings']['hard']['spearman_rho_vs_gain_kept'], 2)}.")
