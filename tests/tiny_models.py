@@ -37,7 +37,7 @@ def make_tokenizer(kind: str) -> PreTrainedTokenizerFast:
                                    bos_token="<s>", eos_token="</s>")
 
 
-def make_model(kind: str, vocab_size: int, init_range: float = 0.02):
+def make_model(kind: str, vocab_size: int, init_range: float = 0.02, tied: bool = False):
     if kind == "bert":
         config = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                             intermediate_size=48, max_position_embeddings=64, initializer_range=init_range)
@@ -47,7 +47,7 @@ def make_model(kind: str, vocab_size: int, init_range: float = 0.02):
                                          bos_token_id=2, eos_token_id=3, initializer_range=init_range)
         return transformers.GPT2LMHeadModel(config)
     shape = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied,
                  initializer_range=init_range)
     if kind in STATISTICS_ONLY:
         config_class, model_class, extra = STATISTICS_ONLY[kind]
@@ -82,14 +82,14 @@ def write_calibration(path: Path, seed: int, lo: int, hi: int, n: int = 24):
             fp.write(json.dumps({"text": " ".join(words)}) + "\n")
 
 
-def build(kind: str, root: Path, init_range: float = 0.02) -> dict:
+def build(kind: str, root: Path, init_range: float = 0.02, tied: bool = False) -> dict:
     """base/, expert_a/, expert_b/ (with tokenizer), calib_a.jsonl, calib_b.jsonl under root."""
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(kind)
     paths = {}
     for name, seed in (("base", None), ("expert_a", 1), ("expert_b", 2)):
         torch.manual_seed(0)
-        model = make_model(kind, len(tokenizer), init_range)
+        model = make_model(kind, len(tokenizer), init_range, tied)
         if seed is not None:
             perturb(model, seed)
         out = root / name

@@ -22,6 +22,7 @@ class MergeState:
 
     def __init__(self, statistics: StatisticsCache = STATISTICS, *, device: str = "cpu",
                  trust_remote_code: bool = False, vocabulary_permuted: bool = False,
+                 tied_head: Optional[str] = None,
                  report_settings: Optional[Dict[str, Any]] = None):
         self.statistics = statistics
         self.device = device
@@ -29,6 +30,9 @@ class MergeState:
         # mergekit re-orders embedding rows when a tokenizer is merged; token statistics follow
         # each expert's own order, so they cannot be used then.
         self.vocabulary_permuted = vocabulary_permuted
+        # The output head's module name where the base model ties it to the input embedding
+        # (one tensor in the checkpoint, merged once, for both roles); None otherwise.
+        self.tied_head: Optional[str] = tied_head
         self.report_settings = report_settings  # None: no report (a merge not planned by mergekit)
         self.records: List[Dict[str, Any]] = []
         self.tasks: Dict[str, None] = {}  # every expert merged, in order of first appearance

@@ -71,6 +71,13 @@ class OutputQPMerge(GroupMergeMethod):
             if kind is EmbeddingStats and base.tensor.ndim == 2:
                 if state.vocabulary_permuted and group.metadata.vocabulary_axis is not None:
                     raise ProblemMismatch("embedding rows re-ordered by the tokenizer merge")
+                if state.tied_head is not None and params["tied_head"]:
+                    head = state.statistics_of(base, experts, params, state.tied_head)
+                    if all(isinstance(h, LinearStats) for h in head):
+                        return problems.solve_tied_embedding(base.tensor, [e.tensor for e in experts], found, head,
+                                                             weights, float(params["ridge"]))
+                    LOG.info("output_qp: %s is tied to the output head but the head has no statistics; "
+                             "token frequencies only", name)
                 return problems.solve_embedding(base.tensor, [e.tensor for e in experts], found, weights,
                                                 float(params["ridge"]))
         except ProblemMismatch as reason:

@@ -49,6 +49,8 @@ def _parameters() -> Tuple[ParameterSpec, ...]:
         shared("ridge", float, 1e-4, "Tikhonov weight relative to tr(G)/d, centred on the average update"),
         shared("nonneg", bool, False, "task basis: coefficients ≥ 0"),
         shared("sum_to_one", bool, False, "task basis: coefficients sum to one"),
+        shared("tied_head", bool, True, "a tied input/output embedding is solved for both roles (token "
+               "frequencies and the output head's input Gram); false: token frequencies only"),
         shared("fallback", str, "linear", "method for tensors without statistics: " + " | ".join(FALLBACKS)),
         shared("statistics_dtype", str, "float32",
                "dtype of the stored input Grams: float32 | bfloat16 (half the disk, lower ρ; docs/scale.md)"),

@@ -5,6 +5,7 @@ output_qp task, the layer grouping of sequential merging, and mergekit 0.1.5's B
 from __future__ import annotations
 
 import threading
+from typing import Optional
 
 import torch
 
@@ -32,6 +33,7 @@ def precompute_statistics(planner) -> MergeState:
     state = MergeState(STATISTICS, device=str(planner.options.device or "cpu"),
                        trust_remote_code=bool(planner.options.trust_remote_code),
                        vocabulary_permuted=config.tokenizer is not None or config.tokenizer_source is not None,
+                       tied_head=tied_output_head(config.base_model, planner.options.trust_remote_code),
                        report_settings={k: v for k, v in shared.items() if k != "cache_dir"})
     settings = CalibrationSettings.from_params(shared)
     device = torch.device(planner.options.device or "cpu")
@@ -50,6 +52,21 @@ def precompute_statistics(planner) -> MergeState:
                     # the report states the tokens each expert's statistics rest on
                     state.report_settings.setdefault("calibration_tokens", {})[str(source.model)] = stats.tokens
     return state
+
+
+def tied_output_head(base, trust_remote_code: bool) -> Optional[str]:
+    """The output head's module name when the base model ties it to the input embedding."""
+    if base is None:
+        return None
+    from transformers import AutoConfig
+
+    from ..calibration.models import local_model_path, meta_model, output_head
+
+    config = AutoConfig.from_pretrained(local_model_path(base), local_files_only=True,
+                                        trust_remote_code=trust_remote_code)
+    if not getattr(config, "tie_word_embeddings", False):
+        return None
+    return output_head(meta_model(config, trust_remote_code))
 
 
 def checked_normalize_config(original):

@@ -84,6 +84,59 @@ def test_embeddings_solved_in_blocks_of_rows_equal_the_whole_solve(ridge, monkey
     torch.testing.assert_close(blocked, whole.float(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("ridge", [0.0, 0.2])
+def test_tied_embedding_minimises_input_and_output_errors_from_activations(ridge, monkeypatch):
+    """A tied embedding against explicit activations: per task, token ids (input role, one-hot)
+    and final hidden states (output role, logits h·E[t]); the minimiser of the summed squared
+    errors of both, per calibration token, found by one dense least-squares solve of all rows."""
+    m, d, weights = 9, 4, [1.0, 3.0]
+    base = torch.randn(m, d, generator=gen(60), dtype=F64)
+    experts = [base + torch.randn(m, d, generator=gen(61 + k), dtype=F64) for k in range(2)]
+    tokens = [torch.randint(0, m - 1, (n,), generator=gen(70 + k)) for k, n in enumerate((13, 7))]  # row m-1 unseen
+    hidden = [torch.randn(n, d, generator=gen(80 + k), dtype=F64) for k, n in enumerate((13, 7))]
+    stats = [EmbeddingStats(torch.bincount(t, minlength=m).double() / len(t)) for t in tokens]
+    head = [LinearStats(h.T @ h / len(h), h.mean(0)) for h in hidden]
+    monkeypatch.setattr(problems, "ROW_BLOCK_BYTES", 2 * 8 * d)  # blocks of 2 rows
+    merged = problems.solve_tied_embedding(base, experts, stats, head, weights, ridge)
+
+    # J(E) = Σk ωk/n_k [‖onehot(t) (E − Ek)‖² + ‖H_k (E − Ek)ᵀ‖²] + λ‖E − Ē‖², vec(E) row-major
+    w = [x / sum(weights) for x in weights]
+    G = sum(wk * hk.T @ hk / len(hk) for wk, hk in zip(w, hidden))
+    lam = ridge * float(G.trace()) / d
+    A, b = lam * torch.eye(m * d, dtype=F64), lam * sum(wk * e for wk, e in zip(w, experts)).reshape(-1)
+    for wk, e, t, h in zip(w, experts, tokens, hidden):
+        rows = torch.cat([torch.kron(torch.nn.functional.one_hot(t, m).double(), torch.eye(d, dtype=F64)),
+                          torch.kron(torch.eye(m, dtype=F64), h)])  # input errors, then every logit
+        A += wk / len(t) * rows.T @ rows
+        b += wk / len(t) * rows.T @ (rows @ e.reshape(-1))
+    if ridge == 0:  # the unseen row is set by the head alone: invertible while the Grams are
+        assert torch.linalg.matrix_rank(A) == m * d
+    expected = torch.linalg.solve(A, b).reshape(m, d)
+    torch.testing.assert_close(merged, expected, rtol=1e-6, atol=1e-6)  # the update is float32
+
+
+def test_tied_embedding_special_cases():
+    """Without head Grams it is the token-frequency rule; without tokens, the full-basis solve of
+    the output head; equal experts give that expert."""
+    m, d, weights = 6, 3, [1.0, 2.0]
+    base = torch.randn(m, d, generator=gen(90), dtype=F64)
+    experts = [base + torch.randn(m, d, generator=gen(91 + k), dtype=F64) for k in range(2)]
+    deltas = [e - base for e in experts]
+    freq = [torch.rand(m, generator=gen(95 + k), dtype=F64) for k in range(2)]
+    grams = [(lambda x: x.T @ x / 8)(torch.randn(8, d, generator=gen(97 + k), dtype=F64)) for k in range(2)]
+    zero = [torch.zeros(d, d, dtype=F64)] * 2
+    rule = qp.rowwise_update(deltas, freq, weights, 0.0)
+    torch.testing.assert_close(qp.tied_rowwise_update(deltas, freq, qp.tied_embedding_system(zero, weights)), rule)
+    nothing = [torch.zeros(m, dtype=F64)] * 2
+    for ridge in (0.0, 0.5):
+        full = qp.full_update(deltas, grams, weights, ridge)
+        torch.testing.assert_close(
+            qp.tied_rowwise_update(deltas, nothing, qp.tied_embedding_system(grams, weights, ridge)), full)
+    same = [deltas[0], deltas[0]]
+    torch.testing.assert_close(qp.tied_rowwise_update(same, freq, qp.tied_embedding_system(grams, weights, 0.1)),
+                               deltas[0].float())
+
+
 def test_unequal_weights_move_the_merge_towards_the_heavier_expert():
     w0 = torch.zeros(3, 3, dtype=F64)
     a, b = torch.eye(3, dtype=F64), -torch.eye(3, dtype=F64)

@@ -258,3 +258,35 @@ def test_diagnose_a_builtin_merge_on_the_output_qp_scale(merged, tmp_path):
     missing = run([executable("mergekit-qp"), "diagnose", str(ties_config), str(ties), "--no-write"],
                   cache, check=False)
     assert missing.returncode != 0 and "no calibration for" in missing.stderr
+
+
+def test_tied_embedding_is_solved_for_both_roles(tmp_path):
+    """A model whose output head is its input embedding (SmolLM2, Gemma, Qwen2-0.5B): the one
+    tensor is solved for both roles from the cached statistics (token frequencies and the
+    head's input Gram); `tied_head: false` gives the token-frequency rule alone."""
+    from mergekit_qp.core.statistics import EmbeddingStats
+
+    paths = tiny_models.build("llama", tmp_path / "models", tied=True)
+    cache = tmp_path / "cache"
+    outs = {}
+    for flag in (True, False):
+        out = tmp_path / f"out_{flag}"
+        config = tiny_models.write_config(out.with_suffix(".yml"), paths, "output_qp",
+                                          parameters={"tied_head": flag})
+        result = run_in_process(config, out, cache)
+        assert result.exit_code == 0, result.output
+        outs[flag] = Checkpoint(str(out)).get("model.embed_tokens.weight").double()
+        assert Checkpoint(str(out)).get("lm_head.weight") is None  # still one tensor
+    stats = statistics(paths, cache)
+    name = "model.embed_tokens.weight"
+    base = Checkpoint(str(paths["base"])).get(name).double()
+    experts = [Checkpoint(str(paths[e])).get(name).double() for e in ("expert_a", "expert_b")]
+    freq = [s.lookup("model.embed_tokens").freq.double() for s in stats]
+    head = [s.lookup("lm_head") for s in stats]
+    assert all(h is not None and not isinstance(h, EmbeddingStats) for h in head)
+    deltas = [e - base for e in experts]
+    both = qp.tied_rowwise_update(deltas, freq, qp.tied_embedding_system([h.gram for h in head], [1.0, 1.0], 1e-4))
+    tokens_only = qp.rowwise_update(deltas, freq, [1.0, 1.0], 1e-4)
+    torch.testing.assert_close(outs[True], base + both.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[False], base + tokens_only.double(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(outs[True], outs[False])
