@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from . import qp, svc
+from . import qp, svc, tied_embedding
 from .objective import FullSystem, Objective, full_update_by_rows, full_update_with_objective, objective, \
     solve_by_rows
 from .statistics import EmbeddingStats, LinearStats, NormStats
@@ -338,20 +338,20 @@ def solve_embedding(base: torch.Tensor, experts: Sequence[torch.Tensor], stats: 
 def solve_tied_embedding(base: torch.Tensor, experts: Sequence[torch.Tensor], stats: Sequence[EmbeddingStats],
                          head: Sequence[LinearStats], weights: Sequence[float], ridge: float) -> torch.Tensor:
     """A tied embedding (the input embedding that is also the output head): each row solved for
-    both roles, token frequencies as input and the output head's input Gram (qp.tied_rowwise_update),
-    in blocks of rows on the Grams' one eigendecomposition (model dtype)."""
+    both roles, token frequencies as input and the output head's input Gram
+    (tied_embedding.tied_rowwise_update), in blocks of rows on the Grams' one eigendecomposition (model dtype)."""
     if any(s.freq.shape[0] != base.shape[0] for s in stats):
         raise ProblemMismatch(f"token statistics for {stats[0].freq.shape[0]} rows, embedding has {base.shape[0]}")
     if any(h.gram.shape[-1] != base.shape[1] for h in head):
         raise ProblemMismatch(f"output head statistics of width {head[0].gram.shape[-1]}, embedding has {base.shape[1]}")
-    system = qp.tied_embedding_system([h.gram for h in head], weights, float(ridge), device=base.device)
+    system = tied_embedding.tied_embedding_system([h.gram for h in head], weights, float(ridge), device=base.device)
     counts = [s.freq.to(base.device, torch.float64) for s in stats]
     out = torch.empty_like(base)
     block = max(1, ROW_BLOCK_BYTES // (8 * base.shape[1]))
     for start in range(0, base.shape[0], block):
         rows = slice(start, start + block)
         deltas = [e[rows].double() - base[rows].double() for e in experts]
-        update = qp.tied_rowwise_update(deltas, [c[rows] for c in counts], system)
+        update = tied_embedding.tied_rowwise_update(deltas, [c[rows] for c in counts], system)
         out[rows] = (base[rows].double() + update.to(base.device).double()).to(base.dtype)
     return out
 

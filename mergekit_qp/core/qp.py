@@ -25,7 +25,7 @@ import torch
 __all__ = [
     "combine_task_vectors", "diagonal_update", "featurewise_affine_update",
     "drift_corrected_task_vector", "full_update", "low_rank_directions", "low_rank_update",
-    "rowwise_update", "tied_embedding_system", "tied_rowwise_update",
+    "rowwise_ridge", "rowwise_update",
     "task_update", "update_spectrum",
 ]
 
@@ -301,59 +301,6 @@ def rowwise_ridge(row_counts, weights, ridge: float) -> float:
     w, _ = _weights(weights, len(row_counts))
     total = sum(wk * float(_f64(c, c.device).sum()) for wk, c in zip(w, row_counts))
     return _ridge(ridge) * total / row_counts[0].shape[0]
-
-
-class TiedEmbeddingSystem:
-    """What a tied embedding's solve takes from the output-head Grams alone: Ĝ = Σ ωk Gk
-    diagonalised once (Ĝ = Q diag(ℓ) Qᵀ), λ, and the tasks' Grams; rows are then solved in
-    blocks (tied_rowwise_update)."""
-
-    def __init__(self, head_grams, weights, ridge: float, device=None):
-        self.weights, self.wsum = _weights(weights, len(head_grams))
-        d = head_grams[0].shape[-1]
-        grams = _seq("head_grams", head_grams, len(self.weights), (d, d))
-        self.device = grams[0].device if device is None else device
-        self.grams = [_symmetric_f64(g, self.device) for g in grams]
-        G = sum(wk * g for wk, g in zip(self.weights, self.grams))
-        self.lam = _scaled_ridge(G, _ridge(ridge))
-        values, self.Q = torch.linalg.eigh(G)
-        self.values = values.clamp_min(0.0)
-        self.width = d
-
-
-def tied_embedding_system(head_grams, weights, ridge: float = 0.0, device=None) -> TiedEmbeddingSystem:
-    return TiedEmbeddingSystem(head_grams, weights, ridge, device)
-
-
-def tied_rowwise_update(task_vectors, row_counts, system: TiedEmbeddingSystem) -> torch.Tensor:
-    """A tied embedding E (m × d) is both the input embedding (one-hot inputs: token t reads row
-    t with normalised frequency ckt) and the output head (logit t = ⟨h, E[t]⟩ for the final
-    hidden state h, Gram Gk = E[h hᵀ]). Both output errors, per calibration token, summed:
-
-        J_λ(Δ) = Σk ωk Σt [ (Δ[t] − Δk[t]) (Gk + ckt I) (Δ[t] − Δk[t])ᵀ ] + λ ‖Δ − Δ̄‖²_F.
-
-    Rows are independent, and row t's system matrix Ĝ + (st + λ) I, st = Σk ωk ckt, shares Ĝ's
-    eigenvectors: Δ[t] = Δ̄[t] + rt Q diag(1 / (ℓ + st + λ)) Qᵀ with rt = Σk ωk (Δk[t] − Δ̄[t]) (Gk +
-    ckt I); zero denominators (no data, no ridge) keep Δ̄ (the minimiser nearest it)."""
-    vs, w, _, dev, (m, d) = _validate(task_vectors, system.weights)
-    if d != system.width:
-        raise ValueError(f"head Grams of width {system.width} for an embedding of width {d}")
-    counts = _seq("row_counts", row_counts, len(vs), (m,), nonneg=True)
-    dev = system.device
-    vs = [_f64(v, dev) for v in vs]
-    counts = [_f64(c, dev) for c in counts]
-    mean = sum(wk * v for wk, v in zip(w, vs))
-    R = torch.zeros_like(mean)
-    s = torch.zeros(m, dtype=_F64, device=dev)
-    for wk, v, c, g in zip(w, vs, counts, system.grams):
-        deviation = v - mean
-        R += wk * (deviation @ g + c[:, None] * deviation)
-        s += wk * c
-    den = system.values[None, :] + s[:, None] + system.lam
-    tol = _rtol(d) * max(float(system.values.max()), float(s.max()), system.lam, 0.0)
-    Y = R @ system.Q
-    Y = torch.where(den > tol, Y / torch.where(den > tol, den, 1.0), 0.0)
-    return _out(mean + Y @ system.Q.T, dev)
 
 
 def featurewise_affine_update(scale_deltas, bias_deltas, second_moments, first_moments, weights,
