@@ -275,7 +275,8 @@ def real_grid(build: RealBuild) -> list[Method]:
         ties, with_svc(ties), dare, with_svc(dare),
         output_qp, with_svc(output_qp),
         Method("output_qp tied_head=false", "output_qp", parameters={"tied_head": False}),
-        *[Method(f"output_qp ridge={r:g}", "output_qp", parameters={"ridge": r}) for r in (1e-2, 1e-1, 1.0)],
+        *[Method(f"output_qp ridge={name}", "output_qp", parameters={"ridge": float(name)})  # clf / lm's names
+          for name in ("1e-2", "1e-1", "1")],
         Method("output_qp diagonal", "output_qp", parameters={"basis": "diagonal"}),
         Method("output_qp task", "output_qp", parameters={"basis": "task"}),
         Method("output_qp rank-32", "output_qp", parameters={"basis": "rank-32"}),
