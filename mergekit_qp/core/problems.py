@@ -344,7 +344,7 @@ def solve_tied_embedding(base: torch.Tensor, experts: Sequence[torch.Tensor], st
         raise ProblemMismatch(f"token statistics for {stats[0].freq.shape[0]} rows, embedding has {base.shape[0]}")
     if any(h.gram.shape[-1] != base.shape[1] for h in head):
         raise ProblemMismatch(f"output head statistics of width {head[0].gram.shape[-1]}, embedding has {base.shape[1]}")
-    system = tied_embedding.tied_embedding_system([h.gram for h in head], weights, float(ridge), device=base.device)
+    system = tied_embedding.TiedEmbeddingSystem([h.gram for h in head], weights, float(ridge), device=base.device)
     counts = [s.freq.to(base.device, torch.float64) for s in stats]
     out = torch.empty_like(base)
     block = max(1, ROW_BLOCK_BYTES // (8 * base.shape[1]))

@@ -11,7 +11,7 @@ import torch
 
 from .qp import _F64, _f64, _out, _ridge, _rtol, _scaled_ridge, _seq, _symmetric_f64, _validate, _weights
 
-__all__ = ["TiedEmbeddingSystem", "tied_embedding_system", "tied_rowwise_update"]
+__all__ = ["TiedEmbeddingSystem", "tied_rowwise_update"]
 
 
 class TiedEmbeddingSystem:
@@ -19,8 +19,8 @@ class TiedEmbeddingSystem:
     diagonalised once (Ĝ = Q diag(ℓ) Qᵀ), λ, and the tasks' Grams; rows are then solved in
     blocks (tied_rowwise_update)."""
 
-    def __init__(self, head_grams, weights, ridge: float, device=None):
-        self.weights, self.wsum = _weights(weights, len(head_grams))
+    def __init__(self, head_grams, weights, ridge: float = 0.0, device=None):
+        self.weights, _ = _weights(weights, len(head_grams))
         d = head_grams[0].shape[-1]
         grams = _seq("head_grams", head_grams, len(self.weights), (d, d))
         self.device = grams[0].device if device is None else device
@@ -30,10 +30,6 @@ class TiedEmbeddingSystem:
         values, self.Q = torch.linalg.eigh(G)
         self.values = values.clamp_min(0.0)
         self.width = d
-
-
-def tied_embedding_system(head_grams, weights, ridge: float = 0.0, device=None) -> TiedEmbeddingSystem:
-    return TiedEmbeddingSystem(head_grams, weights, ridge, device)
 
 
 def tied_rowwise_update(task_vectors, row_counts, system: TiedEmbeddingSystem) -> torch.Tensor:
@@ -46,7 +42,7 @@ def tied_rowwise_update(task_vectors, row_counts, system: TiedEmbeddingSystem) -
     Rows are independent, and row t's system matrix Ĝ + (st + λ) I, st = Σk ωk ckt, shares Ĝ's
     eigenvectors: Δ[t] = Δ̄[t] + rt Q diag(1 / (ℓ + st + λ)) Qᵀ with rt = Σk ωk (Δk[t] − Δ̄[t]) (Gk +
     ckt I); zero denominators (no data, no ridge) keep Δ̄ (the minimiser nearest it)."""
-    vs, w, _, dev, (m, d) = _validate(task_vectors, system.weights)
+    vs, w, _, _, (m, d) = _validate(task_vectors, system.weights)
     if d != system.width:
         raise ValueError(f"head Grams of width {system.width} for an embedding of width {d}")
     counts = _seq("row_counts", row_counts, len(vs), (m,), nonneg=True)

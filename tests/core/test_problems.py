@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mergekit_qp.core import problems, qp, svc
-from mergekit_qp.core.tied_embedding import tied_embedding_system, tied_rowwise_update
+from mergekit_qp.core.tied_embedding import TiedEmbeddingSystem, tied_rowwise_update
 from mergekit_qp.core.problems import Basis, SolveSettings
 from mergekit_qp.core.statistics import Accumulator, EmbeddingStats, LinearStats
 
@@ -127,14 +127,14 @@ def test_tied_embedding_special_cases():
     grams = [(lambda x: x.T @ x / 8)(torch.randn(8, d, generator=gen(97 + k), dtype=F64)) for k in range(2)]
     zero = [torch.zeros(d, d, dtype=F64)] * 2
     rule = qp.rowwise_update(deltas, freq, weights, 0.0)
-    torch.testing.assert_close(tied_rowwise_update(deltas, freq, tied_embedding_system(zero, weights)), rule)
+    torch.testing.assert_close(tied_rowwise_update(deltas, freq, TiedEmbeddingSystem(zero, weights)), rule)
     nothing = [torch.zeros(m, dtype=F64)] * 2
     for ridge in (0.0, 0.5):
         full = qp.full_update(deltas, grams, weights, ridge)
         torch.testing.assert_close(
-            tied_rowwise_update(deltas, nothing, tied_embedding_system(grams, weights, ridge)), full)
+            tied_rowwise_update(deltas, nothing, TiedEmbeddingSystem(grams, weights, ridge)), full)
     same = [deltas[0], deltas[0]]
-    torch.testing.assert_close(tied_rowwise_update(same, freq, tied_embedding_system(grams, weights, 0.1)),
+    torch.testing.assert_close(tied_rowwise_update(same, freq, TiedEmbeddingSystem(grams, weights, 0.1)),
                                deltas[0].float())
 
 

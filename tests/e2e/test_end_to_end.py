@@ -12,7 +12,7 @@ import yaml
 
 import tiny_models
 from mergekit_qp.core import qp
-from mergekit_qp.core.tied_embedding import tied_embedding_system, tied_rowwise_update
+from mergekit_qp.core.tied_embedding import TiedEmbeddingSystem, tied_rowwise_update
 from mergekit_qp.calibration.cache import CalibrationSettings, expert_statistics
 from mergekit_qp.calibration.checkpoint import Checkpoint
 from mergekit_qp.reports.diagnose import linear_diagnostic
@@ -286,7 +286,7 @@ def test_tied_embedding_is_solved_for_both_roles(tmp_path):
     head = [s.lookup("lm_head") for s in stats]
     assert all(h is not None and not isinstance(h, EmbeddingStats) for h in head)
     deltas = [e - base for e in experts]
-    both = tied_rowwise_update(deltas, freq, tied_embedding_system([h.gram for h in head], [1.0, 1.0], 1e-4))
+    both = tied_rowwise_update(deltas, freq, TiedEmbeddingSystem([h.gram for h in head], [1.0, 1.0], 1e-4))
     tokens_only = qp.rowwise_update(deltas, freq, [1.0, 1.0], 1e-4)
     torch.testing.assert_close(outs[True], base + both.double(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(outs[False], base + tokens_only.double(), rtol=1e-5, atol=1e-6)
