@@ -37,14 +37,16 @@ class Method:
         return self.merge_method == "output_qp"
 
 
-def with_svc(method: Method) -> Method:
-    """The same row with singular value calibration: `<method>_svc`, or `svc: true` on output_qp."""
+def with_svc(method: Method, rule: str | None = None) -> Method:
+    """The same row with singular value calibration: `<method>_svc`, or `svc: true` on output_qp;
+    `rule` sets `svc_rule` (named in the row), None leaves the default."""
+    extra, suffix = ({"svc_rule": rule}, f" svc_rule={rule}") if rule else ({}, "")
     if method.calibrated:
-        return Method(f"{method.name} svc", method.merge_method, method.model_parameters,
-                      {**method.parameters, "svc": True}, svc_of=method.name)
+        return Method(f"{method.name} svc{suffix}", method.merge_method, method.model_parameters,
+                      {**method.parameters, "svc": True, **extra}, svc_of=method.name)
     inner, _, rest = method.name.partition(" ")
-    return Method(f"{inner}_svc{' ' + rest if rest else ''}", f"{method.merge_method}_svc",
-                  method.model_parameters, method.parameters, svc_of=method.name)
+    return Method(f"{inner}_svc{' ' + rest if rest else ''}{suffix}", f"{method.merge_method}_svc",
+                  method.model_parameters, {**method.parameters, **extra}, svc_of=method.name)
 
 
 def method_grid(*, rank: int, smoke: bool = False) -> list[Method]:
@@ -68,10 +70,10 @@ def method_grid(*, rank: int, smoke: bool = False) -> list[Method]:
     output_qp = Method("output_qp", "output_qp")  # the defaults: basis full, ridge 1e-4
     return [
         linear,
-        *[row for m in task_arithmetic for row in (m, with_svc(m))],
-        ties, with_svc(ties),
-        dare_ties, with_svc(dare_ties),
-        output_qp, with_svc(output_qp),
+        *[row for m in task_arithmetic for row in (m, with_svc(m), with_svc(m, "paper"))],
+        ties, with_svc(ties), with_svc(ties, "paper"),
+        dare_ties, with_svc(dare_ties), with_svc(dare_ties, "paper"),
+        output_qp, with_svc(output_qp), with_svc(output_qp, "paper"),
         Method("output_qp ridge=1e-2", "output_qp", parameters={"ridge": 1e-2}),
         Method("output_qp ridge=1e-1", "output_qp", parameters={"ridge": 1e-1}),
         Method("output_qp diagonal", "output_qp", parameters={"basis": "diagonal"}),

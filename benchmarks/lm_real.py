@@ -274,6 +274,8 @@ def real_grid(build: RealBuild) -> list[Method]:
         linear, *ta.values(), with_svc(ta[0.5]), with_svc(ta[1.0]),
         ties, with_svc(ties), dare, with_svc(dare),
         output_qp, with_svc(output_qp),
+        # the SVC authors' corrected rule beside our default (issue 17; docs/svc.md)
+        *[with_svc(m, "paper") for m in (ta[0.5], ta[1.0], ties, dare, output_qp)],
         Method("output_qp tied_head=false", "output_qp", parameters={"tied_head": False}),
         *[Method(f"output_qp ridge={name}", "output_qp", parameters={"ridge": float(name)})  # clf / lm's names
           for name in ("1e-2", "1e-1", "1")],

@@ -25,7 +25,13 @@ def local_model_path(model) -> str:
             f"output_qp: {model} is a LoRA reference; merge the adapter into a checkpoint first "
             "so that calibration runs the model that is merged"
         )
-    path = model.model.path
+    reference = getattr(model, "model", None)
+    if reference is None or not hasattr(reference, "path"):
+        raise ValueError(
+            f"output_qp: input {model!r} is not a model folder or a mergekit model reference, so calibration "
+            "cannot run it: identify each input by its model folder (e.g. merge_state_dicts({'/path/to/expert': "
+            "state_dict, ...}, 'output_qp', base='/path/to/base', parameters={'calibration': ...}))")
+    path = reference.path
     if os.path.isdir(path):
         return path
     try:

@@ -20,6 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import qp, svc, tied_embedding
+from .svc import DEFAULT_RULE as DEFAULT_SVC_RULE  # the dataclass field `svc` shadows the module there
 from .objective import FullSystem, Objective, full_update_by_rows, full_update_with_objective, objective, \
     solve_by_rows
 from .statistics import EmbeddingStats, LinearStats, NormStats
@@ -62,6 +63,7 @@ class SolveSettings:
     sum_to_one: bool = False
     svc: bool = False
     svc_alpha: Optional[float] = None
+    svc_rule: str = DEFAULT_SVC_RULE
 
 
 def augmented_gram(gram: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -89,12 +91,13 @@ def solve_update(deltas, grams, weights, settings: SolveSettings) -> torch.Tenso
     return qp.low_rank_update(deltas, grams, weights, ridge, basis.rank).double()
 
 
-def svc_in_model_precision(update: torch.Tensor, deltas, alpha, model_dtype: torch.dtype) -> torch.Tensor:
+def svc_in_model_precision(update: torch.Tensor, deltas, alpha, model_dtype: torch.dtype,
+                           rule: str = svc.DEFAULT_RULE) -> torch.Tensor:
     """`svc.calibrate` of a float64 update, worked in float32 (float64 for float64 models) as
     `<method>_svc` does on the same model: the rule's presence floor is relative to the working
     precision, so the precision is part of the rule."""
     work = torch.float64 if model_dtype == torch.float64 else torch.float32
-    return svc.calibrate(update.to(work), [d.to(work) for d in deltas], alpha).update.double()
+    return svc.calibrate(update.to(work), [d.to(work) for d in deltas], alpha, rule).update.double()
 
 
 @dataclass
@@ -198,7 +201,8 @@ def solve_linear(base_weight: torch.Tensor, expert_weights: Sequence[torch.Tenso
         update = solve_update(deltas, grams, weights, settings)
     if settings.svc:
         update = update.clone()
-        update[:, :d] = svc_in_model_precision(update[:, :d], weight_deltas, settings.svc_alpha, base_weight.dtype)
+        update[:, :d] = svc_in_model_precision(update[:, :d], weight_deltas, settings.svc_alpha, base_weight.dtype,
+                                                  settings.svc_rule)
     new_w = w0[:, :d] + update[:, :d]
     new_w = (new_w.T if transposed else new_w).to(base_weight.dtype)
     new_b = None if not with_bias else (base_bias.double() + update[:, d]).to(base_bias.dtype)
@@ -357,7 +361,8 @@ def solve_tied_embedding(base: torch.Tensor, experts: Sequence[torch.Tensor], st
 
 
 def fallback_update(base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Sequence[float], method: str,
-                    svc_alpha: Optional[float] = None, calibrate: bool = False) -> torch.Tensor:
+                    svc_alpha: Optional[float] = None, calibrate: bool = False,
+                    svc_rule: str = svc.DEFAULT_RULE) -> torch.Tensor:
     """A tensor without statistics: `linear` (weighted average), `task_arithmetic` (base + Σ ωΔ)
     or `base`; with `calibrate`, singular value calibration of the update (2-D weights)."""
     if method not in FALLBACKS:
@@ -369,5 +374,5 @@ def fallback_update(base: torch.Tensor, experts: Sequence[torch.Tensor], weights
     if method == "linear":
         total = total / sum(weights)
     if calibrate:
-        total = svc_in_model_precision(total, deltas, svc_alpha, base.dtype)
+        total = svc_in_model_precision(total, deltas, svc_alpha, base.dtype, svc_rule)
     return (base.double() + total).to(base.dtype)

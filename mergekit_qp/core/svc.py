@@ -6,14 +6,22 @@ singular value. For a merged update Δm = U Σ Vᵀ (out × in) and the experts'
     a_ir = u_rᵀ Δi          expert i's component along the merged left singular vector u_r
     m_r  = u_rᵀ Δm = σ_r v_rᵀ  the merge's component there
     s_ir = ⟨m_r, a_ir⟩ / ‖a_ir‖²   how many times the merge counts expert i's component
-    η_r  = max(α, mean_i s_ir)   if every s_ir > 0 (a direction all experts share), else 1
     σ'_r = σ_r / η_r             singular vectors unchanged
 
-This is the rule of the authors' first code release (their `coef_cal_multi_ranks`, default
-α = 1/K; docs/svc.md). The form σ·K / Σ_i max(α, s_ir) would also rescale directions that only some
-experts have (boosting a direction unique to one expert by K/(1 + (K−1)α) in a plain sum). Here
-only shared directions move: a direction summed K times from K identical components comes back
-to single-expert size, one that a single expert owns is left as the merge made it.
+with one of two divisors η_r (docs/svc.md has their history):
+
+    paper   η_r = mean_i max(α, s_ir)   every direction; the authors' corrected code
+            (lyymuwu/SVC "Method Correction", 2026-03-18) and FusionBench's γ_r = K / Σ_i max(α, s_ir)
+    shared  η_r = max(α, mean_i s_ir)   only where every s_ir > 0 (a direction all experts share),
+            else 1; the authors' first release (2026-02-05)
+
+They agree on a direction all experts share with s_ir ≥ α. Where some expert is absent or
+opposed, `paper` counts it as α (so a direction one expert owns in a plain sum is boosted by
+K / (1 + (K−1)α)) and `shared` leaves the direction as the merge made it. α defaults to 1/K.
+
+Both rules treat a component that is zero to working precision as absent (s = 0): without that,
+rounding noise of an expert orthogonal to a direction gives |s| ≈ σ/ε, which under either rule
+would erase or blow up the direction at random.
 
 Pure torch; no mergekit. Computed in float32, or float64 when the input is float64.
 """
@@ -31,7 +39,11 @@ import torch
 class Calibration:
     update: torch.Tensor  # the calibrated merged update, in the input's dtype
     sigma: torch.Tensor  # singular values before
-    eta: torch.Tensor  # the divisor of each (1 where the direction is not shared)
+    eta: torch.Tensor  # the divisor of each direction
+
+
+RULES = ("paper", "shared")
+DEFAULT_RULE = "shared"
 
 
 def default_alpha(experts: int) -> float:
@@ -58,9 +70,22 @@ def overlap_scores(merged: torch.Tensor, experts: Sequence[torch.Tensor], u: tor
     return torch.stack(scores, 1)
 
 
-def calibrate(merged: torch.Tensor, experts: Sequence[torch.Tensor], alpha: Optional[float] = None) -> Calibration:
+def divisors(scores: torch.Tensor, alpha: float, rule: str) -> torch.Tensor:
+    """η_r for each direction (row of `scores`, one column per expert) under `rule`."""
+    if rule == "paper":
+        return scores.clamp_min(alpha).mean(1)
+    if rule == "shared":
+        shared = (scores > 0).all(1)
+        return torch.where(shared, scores.mean(1).clamp_min(alpha), torch.ones_like(scores[:, 0]))
+    raise ValueError(f"svc_rule must be one of {list(RULES)}; got {rule!r}")
+
+
+def calibrate(merged: torch.Tensor, experts: Sequence[torch.Tensor], alpha: Optional[float] = None,
+              rule: str = DEFAULT_RULE) -> Calibration:
     """Rescale the singular values of the merged update `merged` (out × in) against the experts'
-    updates `experts` (each out × in). `alpha` defaults to 1/K."""
+    updates `experts` (each out × in). `alpha` defaults to 1/K; `rule` is one of RULES."""
+    if rule not in RULES:
+        raise ValueError(f"svc_rule must be one of {list(RULES)}; got {rule!r}")
     if merged.ndim != 2:
         raise ValueError(f"singular value calibration needs a 2-D update, got shape {tuple(merged.shape)}")
     if not experts:
@@ -80,7 +105,6 @@ def calibrate(merged: torch.Tensor, experts: Sequence[torch.Tensor], alpha: Opti
     except RuntimeError:  # LAPACK did not converge (rare, ill-conditioned float32): retry in float64
         u, sigma, vh = (t.to(dtype) for t in torch.linalg.svd(dm.double(), full_matrices=False))
     scores = overlap_scores(dm, deltas, u, sigma, vh)
-    shared = (scores > 0).all(1)
-    eta = torch.where(shared, scores.mean(1).clamp_min(alpha), torch.ones_like(sigma))
+    eta = divisors(scores, alpha, rule)
     update = (u * (sigma / eta)) @ vh
     return Calibration(update.to(merged.dtype), sigma, eta)

@@ -207,16 +207,23 @@ def writer_folder(task) -> str:
     return writer.out_path
 
 
-def tensor_names(model) -> set:
+def _loader(model):
+    """mergekit's cached loader of a ModelReference, or of a folder named by a string (inputs of
+    mergekit's Python API identified by their folders)."""
+    from mergekit.common import ModelReference
     from mergekit.io.tasks import LoaderCache
 
-    return set(LoaderCache().get(model).index.tensor_paths)
+    if isinstance(model, str):
+        model = ModelReference.model_validate(model)
+    return LoaderCache().get(model)
+
+
+def tensor_names(model) -> set:
+    return set(_loader(model).index.tensor_paths)
 
 
 def read_tensor(model, name: str, device: str):
-    from mergekit.io.tasks import LoaderCache
-
-    return LoaderCache().get(model).get_tensor(name, device=device)
+    return _loader(model).get_tensor(name, device=device)
 
 
 def unregister(names: Iterable[str]) -> None:

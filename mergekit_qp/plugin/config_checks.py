@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from mergekit.merge_methods.base import ParameterScope, ParameterSpec
 
-from .parameters import CALIBRATION_SETTINGS, METHOD_NAME, PARAMETERS, check_svc_alpha, validate_values
+from .parameters import CALIBRATION_SETTINGS, METHOD_NAME, PARAMETERS, check_svc_alpha, check_svc_rule, validate_values
 from .svc_methods import SVC_INNER
 
 
@@ -53,7 +53,7 @@ def _check_names(method: str, specs: Sequence[ParameterSpec], where: str, settin
 
 
 def check_svc_config(config) -> None:
-    """`<method>_svc`: the inner method's parameter names plus svc_alpha, nothing else."""
+    """`<method>_svc`: the inner method's parameter names plus svc_alpha and svc_rule, nothing else."""
     if not config.merge_method.endswith("_svc") or config.merge_method[:-4] not in SVC_INNER:
         return
     from mergekit.merge_methods import registry
@@ -67,6 +67,8 @@ def check_svc_config(config) -> None:
             check_svc_alpha(config.merge_method, float(alpha), f" ({where})")
         elif alpha is not None and "svc_alpha" in (settings or {}) and not isinstance(alpha, (dict, list)):
             raise ValueError(f"{config.merge_method}: svc_alpha in {where} must be a number; got {alpha!r}")
+        if "svc_rule" in (settings or {}):
+            check_svc_rule(config.merge_method, settings["svc_rule"], f" ({where})")
 
 
 def check_config(config) -> None:
@@ -93,8 +95,8 @@ def check_config(config) -> None:
             if key == "target" and not (settings or {}).get("sequential"):
                 raise ValueError(f"output_qp: target in {where} applies to sequential: true only "
                                  "(in independent mode each expert's own inputs are the merged model's)")
-            if key == "svc_alpha" and not (settings or {}).get("svc"):
-                raise ValueError(f"output_qp: svc_alpha in {where} applies to svc: true only")
+            if key in ("svc_alpha", "svc_rule") and not (settings or {}).get("svc"):
+                raise ValueError(f"output_qp: {key} in {where} applies to svc: true only")
             if key == "calibration" and not plain:
                 raise ValueError(f"output_qp: calibration in {where} must be a path or dataset name, not {value!r}")
         scalars = {}

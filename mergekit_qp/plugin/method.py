@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any, Optional, Sequence
 
 import torch
@@ -24,6 +25,13 @@ from .parameters import MERGE_STATE, METHOD_NAME, PARAMETERS, PER_EXPERT, solve_
 from .svc_methods import spectral
 
 LOG = logging.getLogger("mergekit_qp")
+# One message (no tensor name) so that Python's warning filter shows it once per call site.
+ISOTROPIC_WARNING = (
+    "output_qp called through mergekit's Python API (merge_tensors / merge_state_dicts) without "
+    "calibration data for any input: with no statistics every input Gram is taken as the identity, "
+    "whose QP optimum is the weighted average of the inputs. For the calibrated solution pass "
+    "parameters={'calibration': {input_id: data}} with each input identified by its model folder, or "
+    "merge through a configuration (mergekit-yaml, run_merge).")
 
 
 class OutputQPMerge(GroupMergeMethod):
@@ -41,7 +49,8 @@ class OutputQPMerge(GroupMergeMethod):
     def merge_group(self, group: TensorGroup, /, **params: Any) -> torch.Tensor:
         # A merge planned by mergekit hands its state over; a direct call (mergekit's Python
         # API on one group) gets a state of its own, without a report.
-        state: MergeState = params.pop(MERGE_STATE, None) or MergeState()
+        planned: Optional[MergeState] = params.pop(MERGE_STATE, None)
+        state = planned or MergeState()
         name = group.metadata.name or ""
         validate_values({k: v for k, v in params.items() if k not in PER_EXPERT}, where=name)
         base, experts = group.base, group.non_base
@@ -55,6 +64,13 @@ class OutputQPMerge(GroupMergeMethod):
             if entry.tensor.is_floating_point() and not bool(torch.isfinite(entry.tensor).all()):
                 raise ValueError(f"output_qp: tensor {name} of model {entry.id} contains NaN or Inf")
         state.saw([str(e.id) for e in experts])
+        if planned is None and not any((params.get("calibration") or {}).get(e.id) for e in experts):
+            # Only a direct call can get here without data (a configuration without it is refused
+            # before any work): nothing distinguishes the inputs, so the isotropic solution.
+            warnings.warn(ISOTROPIC_WARNING, UserWarning, stacklevel=2)
+            return problems.fallback_update(base.tensor, [e.tensor for e in experts], weights, "linear",
+                                            params["svc_alpha"], calibrate=bool(params["svc"]) and spectral(group),
+                                            svc_rule=params["svc_rule"])
 
         module, _, leaf = name.rpartition(".")
         found = state.statistics_of(base, experts, params, module)
@@ -144,16 +160,23 @@ class OutputQPMerge(GroupMergeMethod):
         state.record(fallback_record(name, f"{reason}; merged with {method}"))
         LOG.warning("output_qp: %s falls back to %s (%s)", name, method, reason)
         return problems.fallback_update(group.base.tensor, [e.tensor for e in group.non_base], weights, method,
-                                        params["svc_alpha"], calibrate=bool(params["svc"]) and spectral(group))
+                                        params["svc_alpha"], calibrate=bool(params["svc"]) and spectral(group),
+                                        svc_rule=params["svc_rule"])
 
 
 def _difference(a, wa, b, wb) -> str:
     fields = [f"{f}: {getattr(a, f)!r} vs {getattr(b, f)!r}" for f in ("basis", "ridge", "nonneg", "sum_to_one",
-                                                                        "svc", "svc_alpha")
+                                                                        "svc", "svc_alpha", "svc_rule")
               if getattr(a, f) != getattr(b, f)]
     if tuple(wa) != tuple(wb):
         fields.append(f"weight: {list(wa)} vs {list(wb)}")
     return "; ".join(fields)
+
+
+def stored_name(model, name: str) -> Optional[str]:
+    """`name` as the model's checkpoint spells it (it may carry a model prefix: bert.…), or None."""
+    names = compat.tensor_names(model)
+    return name if name in names else next((k for k in sorted(names, key=len) if k.endswith("." + name)), None)
 
 
 def partner_tensors(group: TensorGroup, name: str) -> Optional[TensorGroup]:
@@ -163,9 +186,7 @@ def partner_tensors(group: TensorGroup, name: str) -> Optional[TensorGroup]:
     entries = []
     # The base decides whether the module has this tensor at all, so look at it first.
     for entry in sorted(group.entries, key=lambda e: not e.is_base):
-        names = compat.tensor_names(entry.id)
-        # Checkpoints may carry a model prefix that the output name lacks (bert.…).
-        key = name if name in names else next((k for k in sorted(names, key=len) if k.endswith("." + name)), None)
+        key = stored_name(entry.id, name)  # checkpoints may carry a model prefix the output name lacks
         if key is None:
             if entry.is_base:
                 return None

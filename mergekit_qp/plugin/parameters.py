@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional, Tuple
 from mergekit.merge_methods.base import ParameterScope, ParameterSpec
 
 from ..calibration.cache import GRAM_DTYPES
+from ..core import svc
 from ..core.problems import FALLBACKS, Basis, SolveSettings
 
 METHOD_NAME = "output_qp"
@@ -16,6 +17,9 @@ TARGETS = ("merged_inputs", "expert_outputs")
 CALIBRATION_SETTINGS = ("calibration_field", "calibration_samples", "calibration_seq_len",
                         "calibration_packing", "calibration_seed", "cache_dir", "sequential", "target",
                         "statistics_dtype")
+SVC_RULE_HELP = ("divisor of each singular value: " + " | ".join(svc.RULES)
+                 + " (paper: mean_i max(α, s_ir), every direction; shared: max(α, mean_i s_ir) where all "
+                 "experts share it; docs/svc.md)")
 # The argument through which each planned output_qp task hands its merge's state to the method.
 MERGE_STATE = "merge_state"
 
@@ -57,6 +61,7 @@ def _parameters() -> Tuple[ParameterSpec, ...]:
         shared("cache_dir", Optional[str], None, "statistics cache folder (default $MERGEKIT_QP_CACHE or ~/.cache/mergekit_qp)"),
         shared("svc", bool, False, "singular value calibration of each solved 2-D weight update (arXiv 2602.05536)"),
         shared("svc_alpha", Optional[float], None, "svc: floor α of the overlap divisor; default 1/K"),
+        shared("svc_rule", str, svc.DEFAULT_RULE, SVC_RULE_HELP),
     )
 
 
@@ -91,11 +96,17 @@ def validate_values(params: Dict[str, Any], where: str = "") -> None:
     if "weight" in params and not (math.isfinite(params["weight"]) and params["weight"] > 0):
         raise ValueError(f"output_qp: weight must be finite and > 0{at}; got {params['weight']}")
     check_svc_alpha(METHOD_NAME, params.get("svc_alpha"), at)
+    check_svc_rule(METHOD_NAME, params.get("svc_rule", svc.DEFAULT_RULE), at)
 
 
 def check_svc_alpha(method: str, alpha: Optional[float], at: str = "") -> None:
     if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"{method}: svc_alpha must be finite and > 0{at}; got {alpha}")
+
+
+def check_svc_rule(method: str, rule: Any, at: str = "") -> None:
+    if rule not in svc.RULES:
+        raise ValueError(f"{method}: invalid svc_rule {rule!r}{at}; valid: {', '.join(svc.RULES)} (docs/svc.md)")
 
 
 
@@ -104,4 +115,5 @@ def solve_settings(params: Dict[str, Any]) -> SolveSettings:
     """What a solve depends on, from a tensor's resolved parameters."""
     return SolveSettings(basis=Basis.parse(params["basis"]), ridge=float(params["ridge"]),
                          nonneg=bool(params["nonneg"]), sum_to_one=bool(params["sum_to_one"]),
-                         svc=bool(params["svc"]), svc_alpha=params["svc_alpha"])
+                         svc=bool(params["svc"]), svc_alpha=params["svc_alpha"],
+                         svc_rule=params["svc_rule"])

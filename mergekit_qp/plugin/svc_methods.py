@@ -9,7 +9,7 @@ import torch
 from mergekit.merge_methods.base import GroupMergeMethod, MergeMethodSpec, ParameterScope, ParameterSpec, TensorGroup
 
 from ..core import svc
-from .parameters import check_svc_alpha
+from .parameters import SVC_RULE_HELP, check_svc_alpha, check_svc_rule
 
 
 def spectral(group: TensorGroup) -> bool:
@@ -24,20 +24,21 @@ SVC_INNER = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs
              "della", "della_linear")
 SVC_ALPHA = ParameterSpec("svc_alpha", Optional[float], ParameterScope.SHARED, None,
                           "floor α of the overlap divisor; default 1/K (K experts)")
+SVC_RULE = ParameterSpec("svc_rule", str, ParameterScope.SHARED, svc.DEFAULT_RULE, SVC_RULE_HELP)
 
 
 class SVCMerge(GroupMergeMethod):
     """`<inner>_svc`: mergekit's own method, then singular value calibration of its update.
 
     Accepts exactly the inner method's parameters (the same ParameterSpec objects, so mergekit
-    validates them as it does the inner method's) plus `svc_alpha`."""
+    validates them as it does the inner method's) plus `svc_alpha` and `svc_rule`."""
 
     def __init__(self, inner: GroupMergeMethod):
         self.inner = inner
         spec = inner.spec
         self.spec = MergeMethodSpec(
             name=f"{spec.name}_svc",
-            parameters=(*spec.parameters, SVC_ALPHA),
+            parameters=(*spec.parameters, SVC_ALPHA, SVC_RULE),
             contract=spec.contract,
             pretty_name=f"{spec.pretty_name or spec.name} + singular value calibration",
             reference_url="https://arxiv.org/abs/2602.05536",
@@ -46,8 +47,9 @@ class SVCMerge(GroupMergeMethod):
         )
 
     def merge_group(self, group: TensorGroup, /, **params: Any) -> torch.Tensor:
-        alpha = params.pop("svc_alpha")
+        alpha, rule = params.pop("svc_alpha"), params.pop("svc_rule")
         check_svc_alpha(self.spec.name, alpha, f" (tensor {group.metadata.name})")
+        check_svc_rule(self.spec.name, rule, f" (tensor {group.metadata.name})")
         merged = self.inner.merge_group(group, **params)
         if group.base is None or not group.non_base or not spectral(group):
             return merged
@@ -55,7 +57,7 @@ class SVCMerge(GroupMergeMethod):
         work = torch.float64 if base.dtype == torch.float64 else torch.float32
         deltas = [e.tensor.to(work) - base.to(work) for e in group.non_base]
         try:
-            update = svc.calibrate(merged.to(work) - base.to(work), deltas, alpha).update
+            update = svc.calibrate(merged.to(work) - base.to(work), deltas, alpha, rule).update
         except ValueError as error:
             raise ValueError(f"{self.spec.name}: tensor {group.metadata.name}: {error}") from None
         return (base.to(work) + update).to(base.dtype)

@@ -26,8 +26,9 @@ def registered():
     mergekit_qp.register()
 
 
-def direct(merged, experts, alpha):
-    """The rule written out direction by direction (float64, plain loops)."""
+def direct(merged, experts, alpha, rule="shared"):
+    """Both rules written out direction by direction (float64, plain loops): `shared` divides σ_r
+    by max(α, mean_i s_ir) where every s_ir > 0; `paper` divides every σ_r by mean_i max(α, s_ir)."""
     u, sigma, vh = torch.linalg.svd(merged.double(), full_matrices=False)
     new_sigma = sigma.clone()
     for r in range(sigma.numel()):
@@ -36,7 +37,9 @@ def direct(merged, experts, alpha):
         for delta in experts:
             a = u[:, r] @ delta.double()
             scores.append(float(m_r @ a) / float(a @ a) if float(a @ a) > 0 else 0.0)
-        if all(s > 0 for s in scores):
+        if rule == "paper":
+            new_sigma[r] = sigma[r] / (sum(max(alpha, s) for s in scores) / len(scores))
+        elif all(s > 0 for s in scores):
             new_sigma[r] = sigma[r] / max(alpha, sum(scores) / len(scores))
     return u @ torch.diag(new_sigma) @ vh
 
@@ -48,16 +51,45 @@ def experts_with_shared_part(k=3, shape=(12, 9), seed=0):
     return [shared + 0.3 * torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(k)]
 
 
+@pytest.mark.parametrize("rule", svc.RULES)
 @pytest.mark.parametrize("alpha", [None, 0.05, 0.5, 2.0])
 @pytest.mark.parametrize("combine", ["sum", "mean", "weighted"])
-def test_equals_direct_implementation(alpha, combine):
+def test_equals_direct_implementation(alpha, combine, rule):
     experts = experts_with_shared_part()
     weights = {"sum": [1, 1, 1], "mean": [1 / 3] * 3, "weighted": [0.2, 0.7, 1.1]}[combine]
     merged = sum(w * d for w, d in zip(weights, experts))
-    result = svc.calibrate(merged, experts, alpha)
-    expected = direct(merged, experts, 1 / 3 if alpha is None else alpha)
+    result = svc.calibrate(merged, experts, alpha, rule)
+    expected = direct(merged, experts, 1 / 3 if alpha is None else alpha, rule)
     torch.testing.assert_close(result.update, expected, rtol=1e-10, atol=1e-10)
     assert not torch.allclose(result.update, merged)  # the shared part was rescaled
+
+
+def test_rules_agree_on_shared_directions_and_differ_on_owned_ones():
+    """K = 2, α = 1/2, three orthonormal rank-1 directions d0, d1, d2 and a merge 2·d0 + 5·d1 + 3·d2.
+    d0, which both experts have once (s = 2, 2), comes back to single size under both rules. d1,
+    which expert 0 alone owns (s = 1, absent), `shared` leaves and `paper` boosts by
+    K / (1 + (K−1)α) = 4/3. d2, which expert 1 opposes (s = 3, −3), `shared` leaves and `paper`
+    divides by mean(max(α, 3), max(α, −3)) = 1.75."""
+    q_out = torch.linalg.qr(torch.randn(7, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64))[0]
+    q_in = torch.linalg.qr(torch.randn(6, 3, generator=torch.Generator().manual_seed(8), dtype=torch.float64))[0]
+    d = [torch.outer(q_out[:, r], q_in[:, r]) for r in range(3)]
+    experts = [d[0] + 5 * d[1] + d[2], d[0] - d[2]]
+    merged = 2 * d[0] + 5 * d[1] + 3 * d[2]
+    shared = svc.calibrate(merged, experts, 0.5, "shared")
+    paper = svc.calibrate(merged, experts, 0.5, "paper")
+    torch.testing.assert_close(shared.update, d[0] + 5 * d[1] + 3 * d[2], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(paper.update, d[0] + 5 / 0.75 * d[1] + 3 / 1.75 * d[2], rtol=1e-10, atol=1e-10)
+
+
+def test_paper_rule_ignores_rounding_noise_of_an_absent_expert():
+    """float32: two orthogonal rank-1 experts. Rounding noise must not make the other expert count
+    (|s| ≈ σ/ε would erase or blow up the direction); absent counts as α under `paper`."""
+    g = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(32, 32, generator=g))
+    a = 3.0 * q[:, :1] @ q[:1, :]
+    b = 1.0 * q[:, 1:2] @ q[1:2, :]
+    result = svc.calibrate(a + b, [a, b], rule="paper")
+    torch.testing.assert_close(result.update, (a + b) / 0.75, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("k", [2, 3, 5])
@@ -116,6 +148,8 @@ def test_bad_input_is_refused():
         svc.calibrate(torch.full((3, 3), float("nan")), [torch.ones(3, 3)])
     with pytest.raises(ValueError, match="2-D"):
         svc.calibrate(torch.ones(3), [torch.ones(3)])
+    with pytest.raises(ValueError, match="svc_rule must be one of \\['paper', 'shared'\\]; got 'papr'"):
+        svc.calibrate(torch.ones(3, 3), [torch.ones(3, 3)], rule="papr")
 
 
 # ----------------------------------------------------------------------------- mergekit methods
@@ -133,19 +167,21 @@ def inner_parameters(inner, experts):
     return per
 
 
+@pytest.mark.parametrize("rule", [None, *svc.RULES])
 @pytest.mark.parametrize("inner", INNER)
-def test_svc_twin_equals_inner_method_then_calibration(inner):
+def test_svc_twin_equals_inner_method_then_calibration(inner, rule):
     g = torch.Generator().manual_seed(3)
     base = torch.randn(12, 9, generator=g)
     experts = [base + d.float() for d in experts_with_shared_part()]
     twin, original = get(f"{inner}_svc"), get(inner)
-    assert [p.name for p in twin.spec.parameters] == [p.name for p in original.spec.parameters] + ["svc_alpha"]
+    assert [p.name for p in twin.spec.parameters] == [p.name for p in original.spec.parameters] + ["svc_alpha",
+                                                                                                   "svc_rule"]
     params = inner_parameters(inner, 3)
     torch.manual_seed(0)  # dare / della draw random masks: same draws for both
     (plain,) = original((group([base, *experts]),), parameters=params)
     torch.manual_seed(0)
-    (calibrated,) = twin((group([base, *experts]),), parameters=params)
-    expected = base + svc.calibrate(plain - base, [e - base for e in experts]).update
+    (calibrated,) = twin((group([base, *experts]),), parameters={**params, **({"svc_rule": rule} if rule else {})})
+    expected = base + svc.calibrate(plain - base, [e - base for e in experts], rule=rule or svc.DEFAULT_RULE).update
     torch.testing.assert_close(calibrated, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(calibrated, plain, atol=1e-4)
 
@@ -201,6 +237,8 @@ def config_of(text: str) -> MergeConfiguration:
     ("parameters: {svc_alpa: 0.5}", "ties_svc: unknown parameter 'svc_alpa' in parameters; did you mean 'svc_alpha'?"),
     ("parameters: {svc_alpha: 0}", "ties_svc: svc_alpha must be finite and > 0 (parameters); got 0.0"),
     ("parameters: {densty: 0.5}", "ties_svc: unknown parameter 'densty' in parameters; did you mean 'density'?"),
+    ("parameters: {svc_rule: fusionbench}",
+     "ties_svc: invalid svc_rule 'fusionbench' (parameters); valid: paper, shared (docs/svc.md)"),
 ])
 def test_svc_config_errors_name_the_parameter(snippet, message):
     config = config_of(f"""
@@ -243,27 +281,41 @@ def test_ties_svc_through_mergekit_yaml(llama):
     paths, root = llama
     per_model = {"weight": 1.0, "density": 0.6}
     outs = {}
-    for method in ("ties", "ties_svc"):
-        config = tiny_models.write_config(root / f"{method}.yml", paths, method, model_parameters=per_model)
-        outs[method] = root / f"out_{method}"
-        mergekit_yaml(config, outs[method], root / "cache")
-    plain, calibrated = Checkpoint(str(outs["ties"])), Checkpoint(str(outs["ties_svc"]))
+    # float32 as models are merged; the paper's rule (and its plain ties) in float64, so that the
+    # rule runs in float64 and is held to 1e-6 of the independent float64 loops below
+    for key, method, parameters, dtype in (("ties", "ties", None, "float32"), ("svc", "ties_svc", None, "float32"),
+                                           ("ties64", "ties", None, "float64"),
+                                           ("paper64", "ties_svc", {"svc_rule": "paper"}, "float64")):
+        config = tiny_models.write_config(root / f"{key}.yml", paths, method, parameters, model_parameters=per_model)
+        config.write_text(config.read_text().replace("dtype: float32", f"dtype: {dtype}"))
+        outs[key] = root / f"out_{key}"
+        mergekit_yaml(config, outs[key], root / "cache")
+    plain, calibrated = Checkpoint(str(outs["ties"])), Checkpoint(str(outs["svc"]))
+    plain64, paper = Checkpoint(str(outs["ties64"])), Checkpoint(str(outs["paper64"]))
     base = Checkpoint(str(paths["base"]))
     experts = [Checkpoint(str(paths[e])) for e in ("expert_a", "expert_b")]
     changed = 0
     for name in sorted(plain.files):
-        p, c = plain.get(name), calibrated.get(name)
+        p, c, p64, q = plain.get(name), calibrated.get(name), plain64.get(name), paper.get(name)
         if p.ndim != 2 or "embed" in name or "lm_head" in name:
-            assert torch.equal(p, c), name
+            assert torch.equal(p, c) and torch.equal(p64, q), name
             continue
         b = base.get(name)
-        expected = b + svc.calibrate(p - b, [e.get(name) - b for e in experts]).update
+        deltas = [e.get(name) - b for e in experts]
+        expected = b + svc.calibrate(p - b, deltas).update
         torch.testing.assert_close(c, expected, rtol=1e-5, atol=1e-6)
         changed += not torch.allclose(p, c)
+        # the paper's rule, σ_r / mean_i max(α, s_ir), against the loops of `direct`
+        assert q.dtype == p64.dtype == torch.float64
+        b64 = b.double()
+        by_hand = direct(p64 - b64, [e.get(name).double() - b64 for e in experts], 0.5, "paper")
+        relative = float(torch.linalg.matrix_norm(q - b64 - by_hand) / torch.linalg.matrix_norm(by_hand))
+        assert relative < 1e-6, (name, relative)
+        assert not torch.allclose(q.float(), c, atol=1e-5), name  # the rules differ on every weight here
     assert changed > 0
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(outs["ties_svc"], local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(outs["svc"], local_files_only=True)
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[2, 5, 7]])).logits).all()
 
@@ -305,6 +357,26 @@ base_model: b
 models: [{model: a}]
 parameters: {svc_alpha: 0.5}
 """))
+    with pytest.raises(ValueError, match="svc_rule in parameters applies to svc: true only"):
+        plugin.check_config(config_of("""
+merge_method: output_qp
+base_model: b
+models: [{model: a}]
+parameters: {svc_rule: paper}
+"""))
+    with pytest.raises(ValueError, match="output_qp: invalid svc_rule 'Paper' \\(parameters\\); valid: paper, shared"):
+        plugin.check_config(config_of("""
+merge_method: output_qp
+base_model: b
+models: [{model: a}]
+parameters: {svc: true, svc_rule: Paper}
+"""))
+    paper_state = MergeState()
+    paper, _ = merge(paths, root / "cache", name, state=paper_state, svc=True, svc_rule="paper")
+    expected = base + svc.calibrate(plain.float() - base, [e.tensor.float() - base for e in grp.non_base],
+                                    rule="paper").update
+    torch.testing.assert_close(paper, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(paper, calibrated, atol=1e-5)
 
 
 def test_output_qp_rule_works_in_the_model_precision():
