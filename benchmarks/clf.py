@@ -4,18 +4,21 @@ Four human-labelled tasks built from registry packages (benchmarks/sources.py):
   mr       movie-review sentiment, 2 classes (vaderSentiment sdist, Hutto & Gilbert 2014)
   fortune  topic of a quote, 5 classes (Debian `fortunes`)
   mansec   man-page section of a paragraph, 4 classes: 2 / 3 / 4+5 / 7 (split by page)
-  langid   language of a quote, 6 classes (Debian fortunes in en, de, es, it, pl, pt-BR)
+  langid   language of the first LANGID_WORDS words of a quote, 6 classes (Debian fortunes in en, de,
+           es, it, pl, pt-BR); whole quotes left the base probe at 0.97, no room for an expert to gain
 Per task: a linear probe on frozen base features (the base score), then encoder + head fine-tuned
-from the probe (the expert). The encoders are merged through `mergekit-yaml`; each task is scored
+from the probe for up to `steps`, keeping the checkpoint with the best validation accuracy
+(evaluated every `steps // 6`; the expert). The encoders are merged through `mergekit-yaml`; each task is scored
 with its own expert's head. Headline: gain kept = (merged − base) / (expert − base), over tasks
 whose fine-tuning gain is at least 3 points, averaged over expert seeds.
 
-    python benchmarks/clf.py --threads 1     # full run: ~45 min on one core, ~25 min with experts cached
+    python benchmarks/clf.py --threads 2     # full run: ~2 h on two cores, ~45 min with experts cached
     python benchmarks/clf.py --seeds 1 --train-only --threads 1   # build seed 1's experts alongside
     python benchmarks/clf.py --smoke --out D # tiny encoder, made-up sources, ~1 min
 
 Sizes are set by the cost of MiniLM on a 2-core CPU (about 50 examples/s forward at 64 tokens):
-texts cut to 64 tokens, 1000 train and 500 test examples per task, balanced over classes.
+texts cut to 64 tokens, 1000 train, 300 validation and 500 test examples per task, balanced over
+classes.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ ENGLISH_FILES = ("art", "education", "food", "humorists", "kids", "law", "litera
                  "men-women", "miscellaneous", "people", "pets", "platitudes", "riddles", "wisdom")
 LANGUAGE_FOLDERS = {"de": "de", "es": "es", "it": "it", "pl": "pl"}
 GAIN_THRESHOLD = 0.03  # a task counts in gain kept when fine-tuning gained at least 3 points
+LANGID_WORDS = 5  # language from a few words: the base probe is no longer at the ceiling
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -72,7 +76,8 @@ def labelled_examples(debian: Path, vader: Path) -> dict[str, list[tuple[str, st
                  **{k: sources.fortune_files(fortunes_dir / v) for k, v in LANGUAGE_FOLDERS.items()},
                  "pt": [fortunes_dir / "brasil"] if (fortunes_dir / "brasil").is_file() else []}
     for language, files in languages.items():
-        out["langid"] += [(q, q, language) for f in files for q in sources.fortunes(f)]
+        out["langid"] += [(q, " ".join(q.split()[:LANGID_WORDS]), language) for f in files
+                          for q in sources.fortunes(f) if len(q.split()) >= LANGID_WORDS]
     for task, examples in out.items():
         if not examples:
             raise sources.SourceError(f"task {task}: no examples found under {debian} / {vader}")
@@ -165,9 +170,14 @@ def load_head(path: Path) -> torch.nn.Linear:
     return head
 
 
-def fine_tune(base_dir: Path, probe: torch.nn.Linear, train: list, out: Path, *, steps: int, batch: int,
-              lr: float, seed: int, max_len: int) -> None:
-    """Encoder + head from the probe (LP-FT), AdamW; written to a temp folder, then renamed."""
+def fine_tune(base_dir: Path, probe: torch.nn.Linear, train: list, val: list, out: Path, *, steps: int,
+              batch: int, lr: float, seed: int, max_len: int) -> dict:
+    """Encoder + head from the probe (LP-FT), AdamW, for up to `steps`; every `steps // 6` steps
+    the validation accuracy is measured and the best checkpoint kept (the probe itself, step 0,
+    included): validation-based stopping. Written to a temp folder, then renamed; returns the
+    validation curve and the step kept."""
+    import copy
+
     from transformers import AutoModel, AutoTokenizer
 
     torch.manual_seed(seed)
@@ -181,8 +191,16 @@ def fine_tune(base_dir: Path, probe: torch.nn.Linear, train: list, out: Path, *,
     warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     order: list[int] = []
-    encoder.train()
-    for _ in tqdm(range(steps), desc=f"fine-tune {out.name}", leave=False, file=sys.stderr):
+    val_texts, val_labels = [t for t, _ in val], torch.tensor([y for _, y in val])
+
+    def val_accuracy():
+        return accuracy(head, features(encoder, tokenizer, val_texts, max_len), val_labels)
+
+    every = max(1, steps // 6)
+    curve = {0: val_accuracy()}
+    best = (curve[0], 0, copy.deepcopy(encoder.state_dict()), copy.deepcopy(head.state_dict()))
+    for step in tqdm(range(1, steps + 1), desc=f"fine-tune {out.name}", leave=False, file=sys.stderr):
+        encoder.train()
         if len(order) < batch:
             order += rng.sample(range(len(train)), len(train))
         idx, order = order[:batch], order[batch:]
@@ -193,12 +211,21 @@ def fine_tune(base_dir: Path, probe: torch.nn.Linear, train: list, out: Path, *,
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        if step % every == 0 or step == steps:
+            curve[step] = val_accuracy()
+            if curve[step] > best[0]:  # ties keep the earlier (less trained) checkpoint
+                best = (curve[step], step, copy.deepcopy(encoder.state_dict()), copy.deepcopy(head.state_dict()))
+    encoder.load_state_dict(best[2])
+    head.load_state_dict(best[3])
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     encoder.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     save_head(head, tmp / "head.safetensors")
+    record = {"val_curve": curve, "kept_step": best[1], "val_accuracy": best[0]}
+    (tmp / "fine_tune.json").write_text(json.dumps(record))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+    return record
 
 
 # ----------------------------------------------------------------------------- smoke inputs
@@ -289,15 +316,15 @@ def main(argv=None) -> int:
     if args.smoke:
         out_dir = args.out or work / "results"
         seeds = args.seeds[:1]
-        caps = {"train": 120, "val": 20, "test": 60}
+        caps = {"train": 120, "val": 30, "test": 60}
         steps, batch, lr, max_len = 40, 8, 3e-3, 32
         calib_params = {"calibration_samples": 32, "calibration_seq_len": 32}
         debian, vader = write_smoke_sources(work / "raw")
     else:
         out_dir = args.out or harness.RESULTS
         seeds = args.seeds
-        caps = {"train": 1000, "val": 100, "test": 500}
-        steps, batch, lr, max_len = 150, 16, 1e-4, 64
+        caps = {"train": 1000, "val": 300, "test": 500}
+        steps, batch, lr, max_len = 600, 16, 1e-4, 64
         calib_params = {"calibration_samples": 256, "calibration_seq_len": 128}
         fetched = sources.fetch_all()
         debian, vader = fetched["debian"], fetched["vader"]
@@ -349,20 +376,24 @@ def main(argv=None) -> int:
         methods = [m for m in methods if m.name in wanted]
 
     per_seed: dict[int, dict[str, dict]] = {}
+    kept: dict[tuple, int] = {}  # (task, seed): the fine-tuning step validation kept
     for seed in seeds:
         experts, heads, expert_acc = {}, {}, {}
         for task in TASKS:
-            experts[task] = models / f"{task}-s{seed}"
+            # the recipe is in the folder name: experts of another recipe are never reused
+            experts[task] = models / f"{task}-s{seed}-steps{steps}-lr{lr:g}-best-val"
             if not (experts[task] / "head.safetensors").is_file():
                 start = time.perf_counter()
-                fine_tune(base, probes[task], tasks[task]["train"], experts[task], steps=steps, batch=batch,
-                          lr=lr, seed=seed, max_len=max_len)
+                fine_tune(base, probes[task], tasks[task]["train"], tasks[task]["val"], experts[task], steps=steps,
+                          batch=batch, lr=lr, seed=seed, max_len=max_len)
                 print(f"[clf] expert {task} seed {seed}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+            kept[(task, seed)] = json.loads((experts[task] / "fine_tune.json").read_text())["kept_step"]
             heads[task] = load_head(experts[task] / "head.safetensors")
             texts, labels = test_x[task]
             expert_acc[task] = accuracy(heads[task], features(AutoModel.from_pretrained(experts[task]), tokenizer,
                                                               texts, max_len), labels)
-        print(f"[clf] seed {seed} experts: {expert_acc}", file=sys.stderr, flush=True)
+        print(f"[clf] seed {seed} experts: {expert_acc}; steps kept by validation: "
+              f"{ {t: kept[(t, seed)] for t in TASKS} }", file=sys.stderr, flush=True)
         if args.train_only:
             continue
         rho = harness.rho_function(base, experts, calibration, calib_params, work / "cache")
@@ -400,6 +431,7 @@ def main(argv=None) -> int:
     payload = summarise(per_seed, methods, base_acc, tasks, meta={
         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
         "threads": torch.get_num_threads(), "seeds": seeds, "fine_tune": {"steps": steps, "batch": batch, "lr": lr},
+        "steps_kept": {f"{t} s{sd}": k for (t, sd), k in kept.items()}, "langid_words": LANGID_WORDS,
         "max_len": max_len, "test_examples": {t: len(tasks[t]["test"]) for t in TASKS},
         "train_examples": {t: len(tasks[t]["train"]) for t in TASKS},
         "classes": {t: tasks[t]["labels"] for t in TASKS}, "smoke": args.smoke, "updated_rows": updated})
@@ -516,6 +548,11 @@ def render(payload: dict) -> str:
     svc_lines = harness.svc_cost_lines(summary)
     lines += ["", *svc_lines] if svc_lines else []
     lines += ["", f"Tasks counted in gain kept (fine-tuning gain ≥ 3 points): {'; '.join(counted)}."]
+    if meta.get("steps_kept"):
+        lines += ["", f"Experts: fine-tuned up to {meta['fine_tune']['steps']} steps, the checkpoint with the best "
+                  f"validation accuracy kept (evaluated every {meta['fine_tune']['steps'] // 6} steps, step 0 = the "
+                  "probe included); steps kept: " + ", ".join(f"{k} {v}" for k, v in meta["steps_kept"].items())
+                  + f". `langid` classifies the first {meta['langid_words']} words of a quote."]
     if meta.get("updated_rows"):
         lines += ["", f"Rows re-measured in a later run (`clf.py --update`): {', '.join(meta['updated_rows'])}; "
                   "all others are from the first run (same experts, data and seeds). Each row's × ties is against "

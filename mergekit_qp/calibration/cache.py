@@ -19,6 +19,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from .. import __version__
+from .artifact import open_artifact
 from .collector import StatisticsCollector
 from .data import CalibrationError, CalibrationSource, batches, calibration_fingerprint, load_records, \
     tokenize_calibration
@@ -87,14 +88,24 @@ class StatisticsCache:
             self._by_request.clear()
 
     def expert_statistics(self, model, base_model, calibration: Optional[str], settings: CalibrationSettings,
-                          device: torch.device, trust_remote_code: bool = False) -> ModelStatistics:
-        """Statistics of one expert on its calibration data."""
+                          device: torch.device, trust_remote_code: bool = False,
+                          artifact: Optional[str] = None) -> ModelStatistics:
+        """Statistics of one expert on its calibration data, or from its statistics artifact."""
         model_dir = local_model_path(model)
         base_dir = local_model_path(base_model)
+        if artifact:
+            request = (model_dir, base_dir, "artifact", str(artifact))
+            if (known := self._by_request.get(request)) is not None:
+                return known
+            stats = open_artifact(str(artifact), model_dir, base_dir, settings.cache_dir or default_cache_dir())
+            LOG.info("output_qp: statistics of %s from the artifact %s (%d tokens)", model_dir, artifact, stats.tokens)
+            with self._lock:
+                self._by_request[request] = stats
+            return stats
         if not calibration:
             raise ValueError(
-                f"output_qp: no calibration data for model {model_dir!r}: set `calibration:` in its "
-                "parameters (or a default in the top-level parameters)"
+                f"output_qp: no calibration data for model {model_dir!r}: set `calibration:` (or `statistics:`, a "
+                "statistics artifact) in its parameters (or a default in the top-level parameters)"
             )
         # The method asks once per tensor: hashing the data and stat-ing the model folder each
         # time would cost more than the solve, so remember the answer until forget_requests().
@@ -203,7 +214,7 @@ def compute_statistics(model_dir: str, base_dir: str, source: CalibrationSource,
                                                      trust_remote_code=trust_remote_code)
     _check_tokens(config, sequences, model_dir, source)
     description = {"model": model_dir, "calibration": source.path, **(description or {}),
-                   **{k: str(v) for k, v in asdict(settings).items()}}
+                   **{k: str(v) for k, v in asdict(settings).items()}, "sequences": str(len(sequences))}
     batch_list = list(batches(sequences, max_tokens=settings.max_batch_tokens, pad_id=pad_id))
     if folder is not None and streams(config, model_dir):
         _, needs_spill = plan_streamed_pass(model_dir, device, total, settings.max_batch_tokens, settings.seq_len,
@@ -298,6 +309,8 @@ STATISTICS = StatisticsCache()  # the process's cache, handed to each merge's st
 
 
 def expert_statistics(model, base_model, calibration: Optional[str], settings: CalibrationSettings,
-                      device: torch.device, trust_remote_code: bool = False) -> ModelStatistics:
+                      device: torch.device, trust_remote_code: bool = False,
+                      artifact: Optional[str] = None) -> ModelStatistics:
     """`StatisticsCache.expert_statistics` of the process's cache."""
-    return STATISTICS.expert_statistics(model, base_model, calibration, settings, device, trust_remote_code)
+    return STATISTICS.expert_statistics(model, base_model, calibration, settings, device, trust_remote_code,
+                                        artifact)

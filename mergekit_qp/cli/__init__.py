@@ -1,5 +1,5 @@
-"""The `mergekit-qp` command: an explicit fallback to the start-up hook, the demo, the
-diagnostic (with its spectrum) and the comparison of methods."""
+"""The `mergekit-qp` command: an explicit fallback to the start-up hook, the demo, statistics
+artifacts, the diagnostic (with its spectrum) and the comparison of methods."""
 
 from __future__ import annotations
 
@@ -40,6 +40,46 @@ def demo_command(ctx: click.Context) -> None:
     from .demo import main as demo_main
 
     raise SystemExit(demo_main(list(ctx.args)))
+
+
+@main.command("statistics")
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.option("--calibration", required=True, help="calibration data (file, folder or hub dataset name)")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="artifact folder to write (shards + card.json); a killed run resumes there")
+@click.option("--base", "base_model", type=click.Path(exists=True, file_okay=False), default=None,
+              help="base model whose tokenizer tokenises the data [default: MODEL]")
+@click.option("--samples", default=128, show_default=True, help="calibration_samples: sequences")
+@click.option("--seq-len", default=512, show_default=True, help="calibration_seq_len: tokens per sequence at most")
+@click.option("--seed", default=0, show_default=True, help="calibration_seed")
+@click.option("--packing/--no-packing", default=False, show_default=True, help="calibration_packing")
+@click.option("--field", default=None, help="calibration_field [default: text, else input_ids]")
+@click.option("--statistics-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="device of the forward passes")
+@click.option("--trust-remote-code/--no-trust-remote-code", default=False, show_default=True)
+def statistics_command(model: str, calibration: str, out_dir: str, base_model, samples: int, seq_len: int, seed: int,
+                       packing: bool, field, statistics_dtype: str, device: str, trust_remote_code: bool) -> None:
+    """Compute MODEL's output_qp statistics on its calibration data into an artifact folder that any
+    merge can use instead of the data (`statistics: DIR` under that model in the YAML). The card
+    (card.json) holds content hashes of the weights and tokenizer, a fingerprint of the data, the
+    counts, settings and versions, never the text. Settings must be those of the merge's
+    calibration_* parameters for a merge from data to give the same statistics."""
+    import torch
+
+    from ..calibration.artifact import ArtifactError, produce_artifact
+    from ..calibration.cache import CalibrationSettings
+    from ..calibration.data import CalibrationSource
+
+    settings = CalibrationSettings(samples=samples, seq_len=seq_len, seed=seed, field=field, packing=packing,
+                                   gram_dtype=statistics_dtype)
+    try:
+        card = produce_artifact(model, CalibrationSource(path=calibration, field=field), out_dir, settings,
+                                base_dir=base_model, device=torch.device(device), trust_remote_code=trust_remote_code)
+    except (ArtifactError, ValueError, OSError) as error:
+        raise click.ClickException(str(error)) from None
+    size = sum(card["statistics"]["files"].values())
+    click.echo(f"{out_dir}: statistics of {model} on {card['counts']['sequences']} sequences, "
+               f"{card['counts']['tokens']} tokens; {len(card['statistics']['files'])} shards, {size / 2**20:.1f} MiB")
 
 
 @main.command("diagnose")

@@ -99,6 +99,8 @@ def check_config(config) -> None:
                 raise ValueError(f"output_qp: {key} in {where} applies to svc: true only")
             if key == "calibration" and not plain:
                 raise ValueError(f"output_qp: calibration in {where} must be a path or dataset name, not {value!r}")
+            if key == "statistics":
+                check_statistics_place(where, settings, per_expert_place, value)
         scalars = {}
         for spec in PARAMETERS:
             value = (settings or {}).get(spec.name)
@@ -108,6 +110,19 @@ def check_config(config) -> None:
                 except Exception as error:
                     raise ValueError(f"output_qp: bad value for {spec.name!r} in {where}: {error}") from None
         validate_values(scalars, where)
+
+
+def check_statistics_place(where: str, settings: Dict[str, Any], per_expert_place: bool, value: Any) -> None:
+    """`statistics:` names one expert's artifact: under that model only, a plain folder or repository
+    id, and not beside `calibration:` there (one or the other source of the expert's statistics)."""
+    if not per_expert_place:
+        raise ValueError(f"output_qp: statistics in {where}: an artifact describes one model, so give it under "
+                         "that model's parameters")
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"output_qp: statistics in {where} must be a folder or hub repository id, not {value!r}")
+    if settings.get("calibration") is not None:
+        raise ValueError(f"output_qp: {where} gives both calibration and statistics: give one (statistics are "
+                         "what calibration data would compute)")
 
 
 def check_slices(config) -> None:

@@ -59,8 +59,10 @@ class MergeState:
         if self.stage_statistics is not None:
             return [self.stage_statistics.get((str(e.id), module)) for e in experts]
         settings = CalibrationSettings.from_params(params)
+        artifacts = params.get("statistics") or {}
         return [self.statistics.expert_statistics(e.id, base.id, params["calibration"][e.id], settings,
-                                                  base.tensor.device, self.trust_remote_code).lookup(module)
+                                                  base.tensor.device, self.trust_remote_code,
+                                                  artifact=artifacts.get(e.id)).lookup(module)
                 for e in experts]
 
     # -- joint weight/bias solves --------------------------------------------------------------------

@@ -30,7 +30,8 @@ ISOTROPIC_WARNING = (
     "output_qp called through mergekit's Python API (merge_tensors / merge_state_dicts) without "
     "calibration data for any input: with no statistics every input Gram is taken as the identity, "
     "whose QP optimum is the weighted average of the inputs. For the calibrated solution pass "
-    "parameters={'calibration': {input_id: data}} with each input identified by its model folder, or "
+    "parameters={'calibration': {input_id: data}} (or 'statistics': artifacts) with each input identified "
+    "by its model folder, or "
     "merge through a configuration (mergekit-yaml, run_merge).")
 
 
@@ -64,7 +65,8 @@ class OutputQPMerge(GroupMergeMethod):
             if entry.tensor.is_floating_point() and not bool(torch.isfinite(entry.tensor).all()):
                 raise ValueError(f"output_qp: tensor {name} of model {entry.id} contains NaN or Inf")
         state.saw([str(e.id) for e in experts])
-        if planned is None and not any((params.get("calibration") or {}).get(e.id) for e in experts):
+        given = [(params.get(k) or {}).get(e.id) for k in ("calibration", "statistics") for e in experts]
+        if planned is None and not any(given):
             # Only a direct call can get here without data (a configuration without it is refused
             # before any work): nothing distinguishes the inputs, so the isotropic solution.
             warnings.warn(ISOTROPIC_WARNING, UserWarning, stacklevel=2)

@@ -40,6 +40,9 @@ def _parameters() -> Tuple[ParameterSpec, ...]:
             "calibration data of this expert's task (file, folder or hub name); "
             "a top-level value is the default for every expert",
         ),
+        per_expert("statistics", Optional[str], None,
+                   "this expert's statistics artifact (`mergekit-qp statistics`: a folder or hub repository id), "
+                   "instead of calibration data"),
         shared("calibration_field", Optional[str], None, "text (or input_ids) field; default text"),
         shared("calibration_samples", int, 128, "number of calibration sequences per expert"),
         shared("calibration_seq_len", int, 512, "maximum tokens per calibration sequence"),

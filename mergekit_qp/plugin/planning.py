@@ -46,9 +46,11 @@ def precompute_statistics(planner) -> MergeState:
                     continue
                 scopes = (source.parameters, out_slice.parameters, module.parameters, config.parameters)
                 calibration = next((s["calibration"] for s in scopes if s and "calibration" in s), None)
+                artifact = (source.parameters or {}).get("statistics")
                 if calibration is None or isinstance(calibration, str):
                     stats = STATISTICS.expert_statistics(source.model, base, calibration, settings, device,
-                                                         trust_remote_code=planner.options.trust_remote_code)
+                                                         trust_remote_code=planner.options.trust_remote_code,
+                                                         artifact=artifact)
                     # the report states the tokens each expert's statistics rest on
                     state.report_settings.setdefault("calibration_tokens", {})[str(source.model)] = stats.tokens
     return state

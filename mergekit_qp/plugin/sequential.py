@@ -256,6 +256,9 @@ def plan_sequential(planner, layer_entries: List[List[int]], merge_state: MergeS
     calibration = []
     for m in experts:
         value = merge0.input_parameters[m]["calibration"]
+        if merge0.input_parameters[m].get("statistics"):
+            raise ValueError(f"output_qp: sequential: true computes each layer's statistics on the merged layers' "
+                             f"outputs, which a statistics artifact cannot hold: give model {m} calibration data")
         if not isinstance(value, str) or not value:
             raise ValueError(f"output_qp: no calibration data for model {m}: sequential merging needs one per expert")
         calibration.append(value)

@@ -151,3 +151,24 @@ def test_mergekit_multi_merges_an_intermediate_output_qp(llama):
     name = next(n for n in final.files if n.endswith("down_proj.weight"))
     assert not torch.equal(final.get(name), reference.get(name))
     assert (out / "merge_report.json").is_file()
+
+
+def test_merge_state_dicts_from_statistics_artifacts_equals_mergekit_yaml(llama, tmp_path, monkeypatch):
+    """`statistics` in place of `calibration`: the artifacts of `mergekit-qp statistics`."""
+    from mergekit_qp.calibration.artifact import produce_artifact
+    from mergekit_qp.calibration.cache import CalibrationSettings
+    from mergekit_qp.calibration.data import CalibrationSource
+
+    paths, root, yaml_out = llama
+    monkeypatch.setenv("MERGEKIT_QP_CACHE", str(tmp_path / "cache"))
+    names = {k: str(paths[k]) for k in ("base", "expert_a", "expert_b")}
+    artifacts = {}
+    for expert, calib in (("expert_a", "calib_a"), ("expert_b", "calib_b")):
+        artifacts[names[expert]] = str(tmp_path / expert)
+        produce_artifact(names[expert], CalibrationSource(path=str(paths[calib])), artifacts[names[expert]],
+                         CalibrationSettings(), base_dir=names["base"])
+    merged = merge_state_dicts({folder: state_dict(folder) for folder in names.values()}, "output_qp",
+                               base=names["base"], parameters={"statistics": artifacts})
+    reference = Checkpoint(str(yaml_out))
+    for name in (n for n in merged if n.endswith("proj.weight")):
+        assert torch.equal(merged[name], reference.get(name)), name

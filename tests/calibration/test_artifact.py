@@ -1,0 +1,196 @@
+"""Statistics artifacts (`mergekit-qp statistics`, `statistics:` in the YAML): made in one process,
+merged in another from the artifacts alone (no calibration file there, the folders moved),
+bit-identical to the merge from raw data; the card's hashes; mismatched models, missing cards and
+truncated shards refused with errors naming them; a killed pass resumes; config checks."""
+
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import yaml
+
+import tiny_models
+from mergekit_qp.calibration.artifact import ArtifactError, open_artifact, produce_artifact
+from mergekit_qp.calibration.cache import CalibrationSettings
+from mergekit_qp.calibration.checkpoint import Checkpoint
+from mergekit_qp.calibration.data import CalibrationSource
+from mergekit_qp.calibration.store import ModelStatistics
+
+# the merge's own defaults (calibration_samples 128, seq_len 512): what a raw-data merge computes
+DEFAULTS = CalibrationSettings()
+
+
+def cli(args, cache, check=True):
+    from test_end_to_end import executable, run
+
+    return run([executable("mergekit-qp"), *args], cache, check=check)
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """Two experts' artifacts made by `mergekit-qp statistics` (its own process), and a merge of
+    the same experts from the raw calibration data."""
+    from test_end_to_end import executable, run
+
+    root = tmp_path_factory.mktemp("artifact")
+    paths = tiny_models.build("llama", root)
+    cache = root / "cache"
+    for expert, calib in (("expert_a", "calib_a"), ("expert_b", "calib_b")):
+        cli(["statistics", str(paths[expert]), "--calibration", str(paths[calib]), "--base", str(paths["base"]),
+             "--out", str(root / f"stats_{expert}")], cache)
+    raw = root / "out_raw"
+    config = tiny_models.write_config(root / "raw.yml", paths, "output_qp")
+    run([executable("mergekit-yaml"), str(config), str(raw)], root / "cache_raw")
+    return paths, root, raw
+
+
+def artifact_config(paths, root, stats, name="from_stats.yml"):
+    config = {"merge_method": "output_qp", "base_model": str(paths["base"]), "dtype": "float32",
+              "models": [{"model": str(paths[e]), "parameters": {"statistics": str(stats[e])}}
+                         for e in ("expert_a", "expert_b")]}
+    path = root / name
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_merge_from_artifacts_alone_is_bit_identical_to_the_raw_data_merge(made):
+    from test_end_to_end import executable, run
+
+    paths, root, raw = made
+    # "another machine": the artifacts moved elsewhere, the calibration files gone, a fresh cache
+    moved = root / "elsewhere"
+    moved.mkdir()
+    stats = {e: shutil.copytree(root / f"stats_{e}", moved / e) for e in ("expert_a", "expert_b")}
+    hidden = {k: paths[k].with_suffix(".hidden") for k in ("calib_a", "calib_b")}
+    for k in hidden:
+        paths[k].rename(hidden[k])
+    try:
+        out = root / "out_stats"
+        run([executable("mergekit-yaml"), str(artifact_config(paths, root, stats)), str(out)], root / "cache_fresh")
+    finally:
+        for k in hidden:
+            hidden[k].rename(paths[k])
+    fresh = root / "cache_fresh"
+    assert {p.name for p in fresh.iterdir()} <= {"file_hashes.json"} if fresh.exists() else True  # no pass ran
+    merged, reference = Checkpoint(str(out)), Checkpoint(str(raw))
+    assert sorted(merged.files) == sorted(reference.files)
+    for name in reference.files:
+        assert torch.equal(merged.get(name), reference.get(name)), name
+    report, raw_report = (json.loads((d / "merge_report.json").read_text()) for d in (out, raw))
+    assert report["rho"] == raw_report["rho"]
+
+
+def test_card_holds_hashes_counts_and_no_text(made):
+    paths, root, _ = made
+    card = json.loads((root / "stats_expert_a" / "card.json").read_text())
+    for name, digest in card["model"]["files"].items():
+        assert digest == hashlib.sha256((paths["expert_a"] / name).read_bytes()).hexdigest(), name
+    assert "model.safetensors" in card["model"]["files"] and "config.json" in card["model"]["files"]
+    assert card["counts"]["sequences"] == 24 and card["counts"]["tokens"] > 24
+    assert card["settings"]["calibration_samples"] == 128 and card["data"]["fingerprint"]
+    assert {"mergekit_qp", "torch", "transformers"} <= set(card["versions"])
+    text = paths["calib_a"].read_text().splitlines()[0]
+    sample = json.loads(text)["text"]
+    for file in (root / "stats_expert_a").iterdir():
+        assert sample.encode() not in file.read_bytes(), file.name  # never the text itself
+    for name, size in card["statistics"]["files"].items():
+        assert (root / "stats_expert_a" / name).stat().st_size == size
+
+
+def test_another_models_artifact_is_refused_naming_both_hashes(made):
+    from test_end_to_end import executable, run
+
+    paths, root, _ = made
+    stats = {"expert_a": root / "stats_expert_b", "expert_b": root / "stats_expert_b"}
+    out = root / "out_mismatch"
+    result = run([executable("mergekit-yaml"), str(artifact_config(paths, root, stats, "mismatch.yml")), str(out)],
+                 root / "cache_mismatch", check=False)
+    assert result.returncode != 0
+    card = json.loads((root / "stats_expert_b" / "card.json").read_text())
+    mine = hashlib.sha256((paths["expert_a"] / "model.safetensors").read_bytes()).hexdigest()
+    assert "were computed from another model than" in result.stderr and str(paths["expert_a"]) in result.stderr
+    assert f"model {mine} vs statistics {card['model']['files']['model.safetensors']}" in result.stderr
+    assert not (out / "config.json").exists()
+
+
+def test_truncated_shard_and_missing_card_are_refused(made, tmp_path):
+    paths, root, _ = made
+    broken = shutil.copytree(root / "stats_expert_a", tmp_path / "broken")
+    shard = next(p for p in broken.iterdir() if p.name.startswith("layer-"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ArtifactError, match=f"statistics shard {shard} is truncated \\(100 bytes, the card says"):
+        open_artifact(str(broken), str(paths["expert_a"]), str(paths["base"]))
+    (broken / "card.json").unlink()
+    with pytest.raises(ArtifactError, match="is not a statistics artifact \\(no card.json"):
+        open_artifact(str(broken), str(paths["expert_a"]), str(paths["base"]))
+    with pytest.raises(ArtifactError, match="is not a folder"):
+        open_artifact(str(tmp_path / "nowhere" / "x" / "y"), str(paths["expert_a"]), str(paths["base"]))
+
+
+class Killed(BaseException):
+    """A kill as the pass sees it: not an error it cleans up after."""
+
+
+def test_a_killed_artifact_run_resumes_and_equals_an_uninterrupted_one(made, tmp_path):
+    paths, root, _ = made
+    source = CalibrationSource(path=str(paths["calib_a"]))
+    out = tmp_path / "stats"
+
+    def kill_after_first(index):
+        if index == 0:
+            raise Killed
+
+    args = (str(paths["expert_a"]), source, str(out), DEFAULTS)
+    with pytest.raises(Killed):
+        produce_artifact(*args, base_dir=str(paths["base"]), resume_every=0, after_layer=kill_after_first)
+    assert not out.exists() and (tmp_path / "stats.partial" / "layer-00000.safetensors").is_file()
+    ran = []
+    card = produce_artifact(*args, base_dir=str(paths["base"]), resume_every=0, after_layer=ran.append)
+    assert ran == [1]  # layer 0 not run again
+    assert not (out / "request.json").exists() and not (tmp_path / "stats.partial").exists()
+    reference = root / "stats_expert_a"
+    assert card["model"] == json.loads((reference / "card.json").read_text())["model"]
+    resumed, whole = ModelStatistics.open(str(out)), ModelStatistics.open(str(reference))
+    assert set(resumed._keys) == set(whole._keys) and resumed.tokens == whole.tokens
+    for key in whole._keys:
+        assert torch.equal(resumed._get(key), whole._get(key)), key
+    # a second run finds it complete; another request into the same folder is refused
+    assert produce_artifact(*args, base_dir=str(paths["base"]))["created"] == card["created"]
+    with pytest.raises(ArtifactError, match="already holds statistics of another model, data set or settings"):
+        produce_artifact(str(paths["expert_b"]), source, str(out), DEFAULTS, base_dir=str(paths["base"]))
+
+
+@pytest.mark.parametrize("snippet, message", [
+    ("parameters: {statistics: ./s}", "statistics in parameters: an artifact describes one model"),
+    ("models: [{model: a, parameters: {statistics: ./s, calibration: c.jsonl}}]",
+     "gives both calibration and statistics: give one"),
+])
+def test_statistics_config_errors(snippet, message):
+    from mergekit.config import MergeConfiguration
+
+    import mergekit_qp
+    from mergekit_qp import plugin
+
+    mergekit_qp.register()
+    text = "merge_method: output_qp\nbase_model: b\n" + snippet
+    if "models:" not in snippet:
+        text += "\nmodels: [{model: a, parameters: {calibration: c.jsonl}}]"
+    with pytest.raises(ValueError, match=message):
+        plugin.check_config(MergeConfiguration.model_validate(yaml.safe_load(text)))
+
+
+def test_sequential_refuses_an_artifact(made):
+    from test_end_to_end import executable, run
+
+    paths, root, _ = made
+    config = yaml.safe_load(artifact_config(paths, root, {e: root / f"stats_{e}" for e in ("expert_a", "expert_b")},
+                                            "seq.yml").read_text())
+    config["parameters"] = {"sequential": True}
+    (root / "seq.yml").write_text(yaml.safe_dump(config))
+    result = run([executable("mergekit-yaml"), str(root / "seq.yml"), str(root / "out_seq")], root / "cache_seq",
+                 check=False)
+    assert result.returncode != 0
+    assert "sequential: true computes each layer's statistics on the merged layers' outputs" in result.stderr
