@@ -64,17 +64,13 @@ def statistics_command(model: str, calibration: str, out_dir: str, base_model, s
     (card.json) holds content hashes of the weights and tokenizer, a fingerprint of the data, the
     counts, settings and versions, never the text. Settings must be those of the merge's
     calibration_* parameters for a merge from data to give the same statistics."""
-    import torch
+    from .. import statistics
+    from ..calibration.artifact import ArtifactError
 
-    from ..calibration.artifact import ArtifactError, produce_artifact
-    from ..calibration.cache import CalibrationSettings
-    from ..calibration.data import CalibrationSource
-
-    settings = CalibrationSettings(samples=samples, seq_len=seq_len, seed=seed, field=field, packing=packing,
-                                   gram_dtype=statistics_dtype)
     try:
-        card = produce_artifact(model, CalibrationSource(path=calibration, field=field), out_dir, settings,
-                                base_dir=base_model, device=torch.device(device), trust_remote_code=trust_remote_code)
+        card = statistics(model, calibration, out_dir, base=base_model, samples=samples, seq_len=seq_len, seed=seed,
+                          packing=packing, field=field, statistics_dtype=statistics_dtype, device=device,
+                          trust_remote_code=trust_remote_code)
     except (ArtifactError, ValueError, OSError) as error:
         raise click.ClickException(str(error)) from None
     size = sum(card["statistics"]["files"].values())
