@@ -40,6 +40,7 @@ def calibration_problem(config_path: str, calibration_config: Optional[str] = No
     if not config.models or config.base_model is None:
         raise ValueError(f"diagnose: {config_path} needs `base_model:` and `models:` (slices are not supported)")
     calibration_of = {str(m.model): (m.parameters or {}).get("calibration") for m in source.models or []}
+    artifact_of = {str(m.model): (m.parameters or {}).get("statistics") for m in source.models or []}
     # Task weights ω of the objective: those of the output_qp config when there is one, so that
     # every method is measured on the objective output_qp optimises.
     weight_of = {str(m.model): float((m.parameters or {}).get("weight", 1.0)) if source.merge_method == METHOD_NAME
@@ -55,11 +56,14 @@ def calibration_problem(config_path: str, calibration_config: Optional[str] = No
     stats, weights = [], []
     for m in experts:
         calibration = calibration_of.get(str(m.model)) or top.get("calibration")
-        if not isinstance(calibration, str):
+        artifact = artifact_of.get(str(m.model))
+        if not isinstance(calibration, str) and not isinstance(artifact, str):
             where = calibration_config or config_path
-            raise ValueError(f"diagnose: no calibration for {m.model} in {where}: give it a `calibration:` parameter "
-                             "or pass --calibration-config with the output_qp config of the same experts")
-        stats.append(STATISTICS.expert_statistics(m.model, config.base_model, calibration, settings, torch.device(device)))
+            raise ValueError(f"diagnose: no calibration for {m.model} in {where}: give it a `calibration:` (or "
+                             "`statistics:`) parameter or pass --calibration-config with the output_qp config of the "
+                             "same experts")
+        stats.append(STATISTICS.expert_statistics(m.model, config.base_model, calibration, settings, torch.device(device),
+                                                  artifact=artifact))
         weights.append(weight_of.get(str(m.model), 1.0))
     return CalibrationProblem(
         base_dir=local_model_path(config.base_model),

@@ -194,3 +194,18 @@ def test_sequential_refuses_an_artifact(made):
                  check=False)
     assert result.returncode != 0
     assert "sequential: true computes each layer's statistics on the merged layers' outputs" in result.stderr
+
+
+def test_diagnose_takes_artifacts_and_gives_the_raw_data_rho(made, monkeypatch):
+    """`mergekit-qp diagnose` / `compare` read ρ's statistics from `statistics:` too."""
+    import mergekit_qp
+    from mergekit_qp.plugin import diagnose
+
+    mergekit_qp.register()
+    paths, root, raw = made
+    monkeypatch.setenv("MERGEKIT_QP_CACHE", str(root / "cache_diagnose"))
+    stats = {e: root / f"stats_{e}" for e in ("expert_a", "expert_b")}
+    from_artifacts = diagnose(str(root / "raw.yml"), str(raw),
+                              calibration_config=str(artifact_config(paths, root, stats, "diag.yml")))
+    from_data = json.loads((raw / "merge_report.json").read_text())
+    assert from_artifacts["rho"] == pytest.approx(from_data["rho"], rel=1e-9)
