@@ -432,7 +432,7 @@ def main(argv=None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
         "threads": torch.get_num_threads(), "seeds": seeds, "fine_tune": {"steps": steps, "batch": batch, "lr": lr},
         "steps_kept": {f"{t} s{sd}": k for (t, sd), k in kept.items()}, "langid_words": LANGID_WORDS,
-        "max_len": max_len, "test_examples": {t: len(tasks[t]["test"]) for t in TASKS},
+        "max_len": max_len, "test_examples": {t: len(tasks[t]["test"]) for t in TASKS}, "val_examples": {t: len(tasks[t]["val"]) for t in TASKS},
         "train_examples": {t: len(tasks[t]["train"]) for t in TASKS},
         "classes": {t: tasks[t]["labels"] for t in TASKS}, "smoke": args.smoke, "updated_rows": updated})
     for name, ratio in kept_ratios.items():  # each row's time ratio stays against ties of its own run

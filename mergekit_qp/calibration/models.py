@@ -19,6 +19,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
 def local_model_path(model) -> str:
     """A mergekit ModelReference (or a path) as a local folder, or a clear error."""
     if isinstance(model, str):
+        if not os.path.isdir(model):
+            raise ValueError(f"output_qp: input {model!r} is not a model folder, so calibration cannot run it: "
+                             "identify each input by its model folder (or a mergekit model reference)")
         return model
     if getattr(model, "lora", None) is not None:
         raise ValueError(

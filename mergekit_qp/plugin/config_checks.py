@@ -67,8 +67,8 @@ def check_svc_config(config) -> None:
             check_svc_alpha(config.merge_method, float(alpha), f" ({where})")
         elif alpha is not None and "svc_alpha" in (settings or {}) and not isinstance(alpha, (dict, list)):
             raise ValueError(f"{config.merge_method}: svc_alpha in {where} must be a number; got {alpha!r}")
-        if "svc_rule" in (settings or {}):
-            check_svc_rule(config.merge_method, settings["svc_rule"], f" ({where})")
+        if "svc_rule" in (settings or {}) and not isinstance(settings["svc_rule"], (dict, list)):
+            check_svc_rule(config.merge_method, settings["svc_rule"], f" ({where})")  # filtered: per tensor
 
 
 def check_config(config) -> None:

@@ -126,7 +126,7 @@ def test_truncated_shard_and_missing_card_are_refused(made, tmp_path):
     (broken / "card.json").unlink()
     with pytest.raises(ArtifactError, match="is not a statistics artifact \\(no card.json"):
         open_artifact(str(broken), str(paths["expert_a"]), str(paths["base"]))
-    with pytest.raises(ArtifactError, match="is not a folder"):
+    with pytest.raises(ArtifactError, match="no such folder"):
         open_artifact(str(tmp_path / "nowhere" / "x" / "y"), str(paths["expert_a"]), str(paths["base"]))
 
 
@@ -209,3 +209,46 @@ def test_diagnose_takes_artifacts_and_gives_the_raw_data_rho(made, monkeypatch):
                               calibration_config=str(artifact_config(paths, root, stats, "diag.yml")))
     from_data = json.loads((raw / "merge_report.json").read_text())
     assert from_artifacts["rho"] == pytest.approx(from_data["rho"], rel=1e-9)
+
+
+def test_a_run_killed_before_its_card_finishes_without_a_pass_and_a_trailing_slash_works(made, tmp_path):
+    """Killed after the pass renamed its folder into place but before the card: the next run
+    writes the card without running a layer. `--out DIR/` is DIR (not DIR/.partial inside DIR)."""
+    paths, root, _ = made
+    source = CalibrationSource(path=str(paths["calib_a"]))
+    out = tmp_path / "stats"
+    card = produce_artifact(str(paths["expert_a"]), source, str(out) + "/", DEFAULTS, base_dir=str(paths["base"]))
+    assert (out / "card.json").is_file() and not (out / ".partial").exists()
+    (out / "card.json").unlink()
+    (out / "request.json").write_text(json.dumps({k: card[k] for k in ("model", "tokenizer", "data", "settings")}))
+    ran = []
+    again = produce_artifact(str(paths["expert_a"]), source, str(out), DEFAULTS, base_dir=str(paths["base"]),
+                             after_layer=ran.append)
+    assert ran == [] and again["statistics"] == card["statistics"] and not (out / "request.json").exists()
+    index = json.loads((out / "statistics.json").read_text())["metadata"]
+    assert not {"model", "calibration", "cache_dir"} & set(index)  # no local paths published
+    assert str(paths["calib_a"]) not in (out / "statistics.json").read_text()
+
+
+def test_whole_model_pass_artifact_and_tokenizer_mismatch(made, tmp_path, monkeypatch):
+    """An architecture without a layer adapter writes one shard under the same index; its
+    statistics equal the layer-streamed artifact's (to float32 summation order). A base whose
+    tokenizer differs is refused, naming the file and both hashes."""
+    from mergekit_qp.calibration import cache
+
+    paths, root, _ = made
+    monkeypatch.setattr(cache, "streams", lambda config, model_dir: False)
+    out = tmp_path / "whole"
+    card = produce_artifact(str(paths["expert_a"]), CalibrationSource(path=str(paths["calib_a"])), str(out), DEFAULTS,
+                            base_dir=str(paths["base"]))
+    assert list(card["statistics"]["files"]) == ["statistics-all.safetensors"]
+    whole = open_artifact(str(out), str(paths["expert_a"]), str(paths["base"]))
+    layered = ModelStatistics.open(str(root / "stats_expert_a"))
+    assert set(whole._keys) == set(layered._keys) and whole.tokens == layered.tokens
+    for key in layered._keys:
+        torch.testing.assert_close(whole._get(key), layered._get(key), rtol=1e-5, atol=1e-6)
+    other_base = shutil.copytree(paths["base"], tmp_path / "other_base")
+    tokenizer = other_base / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text().replace('"', '"', 1) + " ")
+    with pytest.raises(ArtifactError, match="tokenised with another tokenizer than the base model .*tokenizer.json: base"):
+        open_artifact(str(out), str(paths["expert_a"]), str(other_base))
