@@ -70,9 +70,7 @@ class OutputQPMerge(GroupMergeMethod):
             # Only a direct call can get here without data (a configuration without it is refused
             # before any work): nothing distinguishes the inputs, so the isotropic solution.
             warnings.warn(ISOTROPIC_WARNING, UserWarning, stacklevel=2)
-            return problems.fallback_update(base.tensor, [e.tensor for e in experts], weights, "linear",
-                                            params["svc_alpha"], calibrate=bool(params["svc"]) and spectral(group),
-                                            svc_rule=params["svc_rule"])
+            return simple_merge(group, weights, params, "linear")
 
         module, _, leaf = name.rpartition(".")
         found = state.statistics_of(base, experts, params, module)
@@ -161,9 +159,7 @@ class OutputQPMerge(GroupMergeMethod):
         method = params["fallback"]
         state.record(fallback_record(name, f"{reason}; merged with {method}"))
         LOG.warning("output_qp: %s falls back to %s (%s)", name, method, reason)
-        return problems.fallback_update(group.base.tensor, [e.tensor for e in group.non_base], weights, method,
-                                        params["svc_alpha"], calibrate=bool(params["svc"]) and spectral(group),
-                                        svc_rule=params["svc_rule"])
+        return simple_merge(group, weights, params, method)
 
 
 def _difference(a, wa, b, wb) -> str:
@@ -175,10 +171,11 @@ def _difference(a, wa, b, wb) -> str:
     return "; ".join(fields)
 
 
-def stored_name(model, name: str) -> Optional[str]:
-    """`name` as the model's checkpoint spells it (it may carry a model prefix: bert.…), or None."""
-    names = compat.tensor_names(model)
-    return name if name in names else next((k for k in sorted(names, key=len) if k.endswith("." + name)), None)
+def simple_merge(group: TensorGroup, weights, params, method: str) -> torch.Tensor:
+    """`method` (a FALLBACKS name) on the group, with singular value calibration where `svc` asks."""
+    return problems.fallback_update(group.base.tensor, [e.tensor for e in group.non_base], weights, method,
+                                    params["svc_alpha"], calibrate=bool(params["svc"]) and spectral(group),
+                                    svc_rule=params["svc_rule"])
 
 
 def partner_tensors(group: TensorGroup, name: str) -> Optional[TensorGroup]:
@@ -188,7 +185,9 @@ def partner_tensors(group: TensorGroup, name: str) -> Optional[TensorGroup]:
     entries = []
     # The base decides whether the module has this tensor at all, so look at it first.
     for entry in sorted(group.entries, key=lambda e: not e.is_base):
-        key = stored_name(entry.id, name)  # checkpoints may carry a model prefix the output name lacks
+        names = compat.tensor_names(entry.id)
+        # Checkpoints may carry a model prefix that the output name lacks (bert.…).
+        key = name if name in names else next((k for k in sorted(names, key=len) if k.endswith("." + name)), None)
         if key is None:
             if entry.is_base:
                 return None
