@@ -166,3 +166,38 @@ def compare_command(config_file: str, methods: str, params, eval_files, eval_sam
     click.echo(format_table(result))
     written = "compare.json, compare.md, compare.png" + (", spectrum.json, spectrum.md, spectrum.png" if with_spectrum else "")
     click.echo(f"\nwritten: {out_dir}/{written}")
+
+
+@main.command("plan")
+@click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--methods", default="output_qp,linear,task_arithmetic,ties", show_default=True,
+              help="comma-separated merge methods to predict (any registered mergekit method)")
+@click.option("--bases", default="full,diagonal,task", show_default=True,
+              help="output_qp bases, one row each (unless -p output_qp:basis=… picks one)")
+@click.option("-p", "--param", "params", multiple=True, metavar="METHOD:NAME=VALUE",
+              help="set a parameter of one method (repeatable), as for compare")
+@click.option("--out", "out_dir", default="plan-out", show_default=True, type=click.Path(file_okay=False),
+              help="folder for plan.json/.md/.png")
+@click.option("--device", default="cpu", show_default=True, help="device of the calibration passes")
+def plan_command(config_file: str, methods: str, bases: str, params, out_dir: str, device: str) -> None:
+    """Before merging: the ρ (overall and per task) each method would reach on the experts of
+    CONFIG_FILE (an output_qp config), the experts' output energies, how strongly each moves
+    every task's outputs (interference matrix, heat map in plan.png), the cosines of their
+    output changes, and warnings, from the calibration statistics alone: no model is written.
+    Methods get the same per-expert defaults as compare; the predicted ρ is the ρ `diagnose`
+    measures on the merge. output_qp with sequential: true is not predicted.
+    """
+    from .compare import CompareError
+    from .plan import plan
+    from .plan_report import format_table
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    chosen_bases = [b.strip() for b in bases.split(",") if b.strip()]
+    try:
+        result = plan(config_file, chosen, params, chosen_bases, out_dir, device)
+    except CompareError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(format_table(result))
+    for line in result["warnings"]:
+        click.echo(f"warning: {line}")
+    click.echo(f"\nwritten: {out_dir}/plan.json, plan.md, plan.png")

@@ -52,23 +52,24 @@ class MethodPlan:
     shared: Dict[str, Any] = field(default_factory=dict)  # top-level parameters (overrides only for built-ins)
 
 
-def parse_overrides(items: Sequence[str], methods: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+def parse_overrides(items: Sequence[str], methods: Sequence[str],
+                    command: str = "compare") -> Dict[str, Dict[str, Any]]:
     """`METHOD:NAME=VALUE` items as {method: {name: value}}; VALUE is read as YAML (0.3, true, rank-4)."""
     overrides: Dict[str, Dict[str, Any]] = {}
     for item in items:
         method, colon, rest = item.partition(":")
         name, equals, value = rest.partition("=")
         if not (colon and equals and method.strip() and name.strip()):
-            raise CompareError(f"compare: --param {item!r} is not METHOD:NAME=VALUE (e.g. ties:density=0.3)")
+            raise CompareError(f"{command}: --param {item!r} is not METHOD:NAME=VALUE (e.g. ties:density=0.3)")
         method, name = method.strip(), name.strip()
         if method not in methods:
-            raise CompareError(f"compare: --param {item!r} names method {method!r}, which is not in --methods "
+            raise CompareError(f"{command}: --param {item!r} names method {method!r}, which is not in --methods "
                                f"({', '.join(methods)})")
         overrides.setdefault(method, {})[name] = yaml.safe_load(value) if value.strip() else None
     return overrides
 
 
-def _parameter_specs(method: str) -> list:
+def _parameter_specs(method: str, command: str) -> list:
     from ..plugin import UnknownMergeMethod, method_parameter_specs
 
     try:
@@ -76,61 +77,65 @@ def _parameter_specs(method: str) -> list:
     except UnknownMergeMethod as error:
         close = difflib.get_close_matches(method, error.known, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise CompareError(f"compare: unknown merge method {method!r}.{hint} "
+        raise CompareError(f"{command}: unknown merge method {method!r}.{hint} "
                            f"Known methods: {', '.join(error.known)}") from None
 
 
-def _check_parameters(method: str, specs: list, given: Dict[str, Any]) -> None:
+def _check_parameters(method: str, specs: list, given: Dict[str, Any], command: str) -> None:
     names = [p.name for p in specs]
     for name, value in given.items():
         if name not in names:
             close = difflib.get_close_matches(name, names, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise CompareError(f"compare: {method} has no parameter {name!r}.{hint} "
+            raise CompareError(f"{command}: {method} has no parameter {name!r}.{hint} "
                                f"Parameters of {method}: {', '.join(names) or 'none'}")
         spec_of = next(p for p in specs if p.name == name)
         try:
             spec_of.validate(value)
         except Exception as error:
-            raise CompareError(f"compare: bad value {value!r} for {method}:{name}: {error}") from None
+            raise CompareError(f"{command}: bad value {value!r} for {method}:{name}: {error}") from None
 
 
-def read_config(path: str) -> Dict[str, Any]:
-    """The YAML of CONFIG, checked for what compare needs: base_model, models, calibration."""
+def read_config(path: str, command: str = "compare") -> Dict[str, Any]:
+    """The YAML of CONFIG, checked for what `command` needs: base_model, models, and calibration
+    data (or a statistics artifact) for every expert."""
     try:
         with open(path, encoding="utf-8") as fp:
             raw = yaml.safe_load(fp)
     except (OSError, yaml.YAMLError) as error:
-        raise CompareError(f"compare: cannot read {path}: {error}") from None
+        raise CompareError(f"{command}: cannot read {path}: {error}") from None
     if not isinstance(raw, dict) or not raw.get("base_model") or not raw.get("models"):
-        raise CompareError(f"compare: {path} needs `base_model:` and `models:` (slices and modules are not supported)")
+        raise CompareError(f"{command}: {path} needs `base_model:` and `models:` (slices and modules are not supported)")
     if raw.get("slices") or raw.get("modules"):
-        raise CompareError(f"compare: {path} uses slices/modules; compare needs a plain `models:` list")
+        raise CompareError(f"{command}: {path} uses slices/modules; {command} needs a plain `models:` list")
     default = (raw.get("parameters") or {}).get("calibration")
     for entry in raw["models"]:
         if str(entry.get("model")) == str(raw["base_model"]):
             continue
-        if not isinstance((entry.get("parameters") or {}).get("calibration", default), str):
-            raise CompareError(f"compare: expert {entry.get('model')} in {path} has no `calibration:` parameter; "
-                               "compare needs an output_qp config whose experts carry their calibration data")
+        own = entry.get("parameters") or {}
+        if not isinstance(own.get("calibration", default), str) and not isinstance(own.get("statistics"), str):
+            raise CompareError(f"{command}: expert {entry.get('model')} in {path} has no `calibration:` (or "
+                               f"`statistics:`) parameter; {command} needs an output_qp config whose experts carry "
+                               "their calibration data")
     return raw
 
 
-def plan_methods(raw: Dict[str, Any], methods: Sequence[str], overrides: Dict[str, Dict[str, Any]]) -> List[MethodPlan]:
+def plan_methods(raw: Dict[str, Any], methods: Sequence[str], overrides: Dict[str, Dict[str, Any]],
+                 command: str = "compare") -> List[MethodPlan]:
     """One derived config per method: same base, models, dtype and tokenizer settings; the
     method's parameters are the defaults above plus the overrides, checked before anything runs."""
     from ..plugin import check_config, load_merge_config, method_ignores_base_model
 
     if len(set(methods)) != len(methods):
-        raise CompareError(f"compare: --methods lists a method twice: {', '.join(methods)}")
+        raise CompareError(f"{command}: --methods lists a method twice: {', '.join(methods)}")
     base = str(raw["base_model"])
     experts = [m for m in raw["models"] if str(m.get("model")) != base]
     kept = {k: v for k, v in raw.items() if k not in ("merge_method", "parameters", "models", "base_model")}
     plans = []
     for method in methods:
-        specs = _parameter_specs(method)
+        specs = _parameter_specs(method, command)
         given = overrides.get(method, {})
-        _check_parameters(method, specs, given)
+        _check_parameters(method, specs, given, command)
         scope = {p.name: p.scope.value for p in specs}
         per_model = {k: v for k, v in given.items() if scope[k] != "shared"}
         shared = {k: v for k, v in given.items() if scope[k] == "shared"}
@@ -144,7 +149,7 @@ def plan_methods(raw: Dict[str, Any], methods: Sequence[str], overrides: Dict[st
             per_model = {**per_expert_defaults(method, len(experts), specs), **per_model}
             missing = [p.name for p in specs if p.required and p.name not in per_model and p.name not in shared]
             if missing:
-                raise CompareError(f"compare: {method} needs parameter {missing[0]!r}: give it with "
+                raise CompareError(f"{command}: {method} needs parameter {missing[0]!r}: give it with "
                                    f"--param {method}:{missing[0]}=VALUE")
             # Our calibration parameters mean nothing to a built-in method: each expert gets the
             # method's own parameters only.
@@ -163,7 +168,7 @@ def plan_methods(raw: Dict[str, Any], methods: Sequence[str], overrides: Dict[st
         try:
             check_config(load_merge_config(config))
         except Exception as error:
-            raise CompareError(f"compare: the {method} config is invalid: {error}") from None
+            raise CompareError(f"{command}: the {method} config is invalid: {error}") from None
         plans.append(MethodPlan(method, config, per_model, shared))
     return plans
 

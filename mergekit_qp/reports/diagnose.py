@@ -14,6 +14,7 @@ import torch
 
 from ..calibration.checkpoint import Checkpoint
 from ..calibration.store import ModelStatistics
+from ..core.statistics import LinearStats
 from ..core.objective import aggregate_rho, objective
 from ..core.problems import augmented_gram
 from ..core.spectrum import TensorSpectrum, tensor_spectrum
@@ -39,13 +40,29 @@ class Diagnostic:
 
 @dataclass
 class LinearProblem:
-    """One linear map's side of the objective: the experts' updates and input Grams, with the
-    bias as a last column (and the Gram of [x, 1]) where the map has one."""
+    """One linear map's side of the objective: the experts' updates and input Grams in the solved
+    layout (out × in; GPT-2 Conv1D weights are stored in × out), with the bias as a last column
+    (and the Gram of [x, 1]) where the map has one; and the stored tensors they came from."""
 
     module: str
     deltas: List[torch.Tensor]
     grams: List[torch.Tensor]
     has_bias: bool
+    transposed: bool = False
+    base_weight: Optional[torch.Tensor] = None
+    base_bias: Optional[torch.Tensor] = None
+    expert_weights: List[torch.Tensor] = field(default_factory=list)
+    expert_biases: Optional[List[torch.Tensor]] = None
+    statistics: List[LinearStats] = field(default_factory=list)
+
+    def solved(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """A stored weight (and bias) of this map in the solved layout, float64, bias as last column."""
+        w = weight.double().T if self.transposed else weight.double()
+        return w if bias is None else torch.cat([w, bias.double()[:, None]], 1)
+
+    def update(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The update of a merged weight (and bias) of this map over the base, as the deltas are laid out."""
+        return self.solved(weight, bias) - self.solved(self.base_weight, self.base_bias)
 
 
 def linear_problems(base: Checkpoint, experts: Sequence[Checkpoint],
@@ -53,17 +70,16 @@ def linear_problems(base: Checkpoint, experts: Sequence[Checkpoint],
     """Every linear map with calibration statistics and a weight of its own in the base (float64)."""
     for module in statistics[0].linear_modules():
         w0 = base.get(f"{module}.weight")
-        if w0 is None or w0.ndim != 2:
-            continue  # e.g. a tied lm_head: not a tensor of its own
         found = [s.lookup(module) for s in statistics]
-        deltas = [e.get(f"{module}.weight", required=True).double() - w0.double() for e in experts]
-        grams = [f.gram.double() for f in found]
+        if w0 is None or w0.ndim != 2 or not all(isinstance(f, LinearStats) for f in found):
+            continue  # e.g. a tied lm_head: not a tensor of its own
+        weights = [e.get(f"{module}.weight", required=True) for e in experts]
         b0 = base.get(f"{module}.bias")
-        if b0 is not None:
-            deltas = [torch.cat([d, (e.get(f"{module}.bias", required=True).double() - b0.double())[:, None]], 1)
-                      for d, e in zip(deltas, experts)]
-            grams = [augmented_gram(g, f.mean.double()) for g, f in zip(grams, found)]
-        yield LinearProblem(module, deltas, grams, b0 is not None)
+        biases = None if b0 is None else [e.get(f"{module}.bias", required=True) for e in experts]
+        problem = LinearProblem(module, [], [], b0 is not None, found[0].transposed, w0, b0, weights, biases, found)
+        problem.deltas = [problem.update(w, None if biases is None else biases[k]) for k, w in enumerate(weights)]
+        problem.grams = [f.gram.double() if b0 is None else augmented_gram(f.gram, f.mean.double()) for f in found]
+        yield problem
 
 
 def linear_diagnostic(base_dir: str, expert_dirs: Sequence[str], statistics: Sequence[ModelStatistics],
@@ -79,11 +95,8 @@ def linear_diagnostic(base_dir: str, expert_dirs: Sequence[str], statistics: Seq
         wm = merged.get(f"{module}.weight")
         if wm is None:
             continue
-        update = wm.double() - base.get(f"{module}.weight").double()
-        if problem.has_bias:
-            update = torch.cat([update, (merged.get(f"{module}.bias", required=True).double()
-                                         - base.get(f"{module}.bias").double())[:, None]], 1)
-        obj = objective(update, problem.deltas, problem.grams, list(weights))
+        bm = merged.get(f"{module}.bias", required=True) if problem.has_bias else None
+        obj = objective(problem.update(wm, bm), problem.deltas, problem.grams, list(weights))
         result.tensors.append(tensor_record(f"{module}.weight", obj, list(weights), tasks))
     return result
 

@@ -1,0 +1,161 @@
+"""`mergekit-qp plan` through the installed command on tiny GPT-2 models (Conv1D weights stored
+in × out, biases): the ρ it predicts for each method equals the ρ `diagnose` measures on the
+model `mergekit-yaml` writes from the config plan wrote for it; output_qp's prediction also equals
+its own merge report (the solve's float64 update, computed apart); the interference matrix equals
+one recomputed here from forward hooks, without Grams; bad inputs are refused before any work."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import tiny_models
+from mergekit_qp.cli.compare import CompareError
+from mergekit_qp.cli.plan import plan
+
+METHODS = "output_qp,linear,task_arithmetic,ties,dare_ties"
+TASKS = ["expert_a", "expert_b"]
+
+
+def executable(name: str) -> str:
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    assert found, f"{name} is not installed: run `pip install .` first"
+    return found
+
+
+def environment(cache: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update({"MERGEKIT_QP_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                "OMP_NUM_THREADS": "1"})
+    return env
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plan")
+    paths = tiny_models.build("gpt2", root)
+    config = tiny_models.write_config(root / "qp.yml", paths, "output_qp")
+    cache, out = root / "cache", root / "out"
+    result = subprocess.run([executable("mergekit-qp"), "plan", str(config), "--methods", METHODS,
+                             "--bases", "full,task", "--out", str(out)],
+                            capture_output=True, text=True, env=environment(cache), cwd=str(root))
+    assert result.returncode == 0, result.stderr[-4000:]
+    payload = json.loads((out / "plan.json").read_text())
+    return SimpleNamespace(root=root, paths=paths, config=config, cache=cache, out=out, result=result, json=payload,
+                           rows={m["name"]: m for m in payload["methods"]})
+
+
+def test_files_table_and_rows(planned):
+    assert list(planned.rows) == ["output_qp full", "output_qp task", "linear", "task_arithmetic", "ties", "dare_ties"]
+    assert planned.json["tasks"] == TASKS and planned.json["linear_maps"] > 0
+    assert (planned.out / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (planned.out / "plan.md").read_text()
+    for name in planned.rows:
+        assert f"| {name}" in markdown
+    assert planned.rows["dare_ties"]["random"] and not planned.rows["ties"]["random"]
+    assert "dare_ties *" in planned.result.stdout  # a random draw is marked
+    # output_qp keeps most of the output change it optimises; the best per task is the max over rows
+    for task in TASKS:
+        best = max(planned.rows.values(), key=lambda m: m["rho_by_task"][task])
+        assert planned.json["best"][task] == {"rho": best["rho_by_task"][task], "method": best["name"]}
+    assert planned.rows["output_qp full"]["rho"] >= max(m["rho"] for m in planned.rows.values()) - 1e-12
+
+
+def merged_with(planned, label: str) -> Path:
+    out = planned.root / "merged" / label.replace(" ", "-")
+    if not out.exists():
+        config = planned.out / planned.json["configs"][label]
+        result = subprocess.run([executable("mergekit-yaml"), str(config), str(out)], capture_output=True, text=True,
+                                env=environment(planned.cache), cwd=str(planned.root))
+        assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("label", ["output_qp full", "output_qp task", "linear", "task_arithmetic", "ties"])
+def test_predicted_rho_is_what_diagnose_measures_on_the_merge(planned, label, monkeypatch):
+    from mergekit_qp.plugin import diagnose
+
+    monkeypatch.setenv("MERGEKIT_QP_CACHE", str(planned.cache))
+    # the experts and calibration of the output_qp config (a linear config has no base model)
+    measured = diagnose(str(planned.config), str(merged_with(planned, label)))
+    row = planned.rows[label]
+    assert row["rho"] == pytest.approx(measured["rho"], abs=1e-9)
+    by_task = {Path(t).name: v for t, v in measured["rho_by_task"].items()}
+    assert row["rho_by_task"] == pytest.approx(by_task, abs=1e-9)
+    if label.startswith("output_qp"):
+        # the merge's own report: ρ of the solve's float64 update, before the weights were rounded to float32
+        report = json.loads((merged_with(planned, label) / "merge_report.json").read_text())
+        assert row["rho"] == pytest.approx(report["rho"], abs=1e-5)
+
+
+def test_interference_matrix_equals_output_changes_from_forward_hooks(planned):
+    """I[j][k] = Σ over linear maps and task k's tokens of |Δ_j x + δb_j|², over the same for
+    expert k: activations captured on each expert running its own calibration texts."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    paths = planned.paths
+    tokenizer = AutoTokenizer.from_pretrained(str(paths["base"]))
+    base = load_file(str(paths["base"] / "model.safetensors"))
+    experts = [load_file(str(paths[t] / "model.safetensors")) for t in TASKS]
+    energy = torch.zeros(2, 2, dtype=torch.float64)  # [mover j, task k]
+    for k, (task, calib) in enumerate(zip(TASKS, ("calib_a", "calib_b"))):
+        model = GPT2LMHeadModel.from_pretrained(str(paths[task]), dtype=torch.float32).eval()
+        sums, tokens = torch.zeros(2, dtype=torch.float64), [0]
+
+        def hook(name):
+            key = next(n for n in base if n.endswith(f"{name}.weight"))
+            def record(module, args):
+                x = args[0].reshape(-1, args[0].shape[-1]).double()
+                for j, expert in enumerate(experts):
+                    dw = expert[key].double() - base[key].double()  # Conv1D: in × out
+                    db = expert[key[:-6] + "bias"].double() - base[key[:-6] + "bias"].double()
+                    sums[j] += float(((x @ dw + db) ** 2).sum())
+            return record
+
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, Conv1D)]
+        with torch.no_grad():
+            for line in paths[calib].read_text().splitlines():
+                ids = tokenizer(json.loads(line)["text"], return_tensors="pt")["input_ids"]
+                tokens[0] += ids.shape[1]
+                model(input_ids=ids)
+        for h in handles:
+            h.remove()
+        energy[:, k] = sums / tokens[0]
+    found = planned.json["interference"]
+    for j in range(2):
+        for k in range(2):
+            assert found[j][k] == pytest.approx(float(energy[j, k] / energy[k, k]), rel=1e-6)
+    assert planned.json["energy"]["expert_a"] == pytest.approx(float(energy[0, 0]), rel=1e-6)
+
+
+def test_bad_inputs_are_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGEKIT_QP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    paths = tiny_models.build("llama", tmp_path)
+    sequential = tiny_models.write_config(tmp_path / "seq.yml", paths, "output_qp", parameters={"sequential": True})
+    with pytest.raises(CompareError, match="sequential: true.*not predicted"):
+        plan(str(sequential), out_dir=None)
+    per_tensor = tiny_models.write_config(tmp_path / "filtered.yml", paths, "output_qp",
+                                          parameters={"ridge": [{"filter": "mlp", "value": 0.01}, {"value": 1e-4}]})
+    with pytest.raises(CompareError, match=r"output_qp parameter 'ridge' is given per tensor"):
+        plan(str(per_tensor), out_dir=None)
+    plain = tiny_models.write_config(tmp_path / "qp.yml", paths, "output_qp")
+    with pytest.raises(CompareError, match="unknown merge method 'tie'"):
+        plan(str(plain), methods=["tie"], out_dir=None)
+    no_data = tmp_path / "none.yml"
+    raw = yaml.safe_load(plain.read_text())
+    del raw["models"][1]["parameters"]["calibration"]
+    no_data.write_text(yaml.safe_dump(raw))
+    with pytest.raises(CompareError, match=r"plan: expert .*expert_b in .*none.yml has no `calibration:`"):
+        plan(str(no_data), out_dir=None)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "plan-out").exists()  # no statistics, no files
