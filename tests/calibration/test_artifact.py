@@ -252,3 +252,31 @@ def test_whole_model_pass_artifact_and_tokenizer_mismatch(made, tmp_path, monkey
     tokenizer.write_text(tokenizer.read_text().replace('"', '"', 1) + " ")
     with pytest.raises(ArtifactError, match="tokenised with another tokenizer than the base model .*tokenizer.json: base"):
         open_artifact(str(out), str(paths["expert_a"]), str(other_base))
+
+
+def test_a_hub_repository_id_is_read_from_the_hub_cache_offline(made, monkeypatch):
+    """`statistics: someone/expert-a-stats` goes through huggingface_hub: here a repository laid out
+    in a local hub cache (refs/main → snapshots/<commit>/), with the hub offline, gives the same ρ as
+    the folder itself; an id the cache lacks is refused naming it."""
+    import huggingface_hub.constants as hub
+    import mergekit_qp
+    from mergekit_qp.plugin import diagnose
+
+    mergekit_qp.register()
+    paths, root, raw = made
+    cache = root / "hub"
+    for expert in ("expert_a", "expert_b"):
+        repo = cache / f"models--someone--{expert.replace('_', '-')}-stats"
+        commit = hashlib.sha1(expert.encode()).hexdigest()
+        shutil.copytree(root / f"stats_{expert}", repo / "snapshots" / commit, dirs_exist_ok=True)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("MERGEKIT_QP_CACHE", str(root / "cache_hub"))
+    ids = {e: f"someone/{e.replace('_', '-')}-stats" for e in ("expert_a", "expert_b")}
+    from_hub = diagnose(str(root / "raw.yml"), str(raw), calibration_config=str(artifact_config(paths, root, ids, "hub.yml")))
+    from_data = json.loads((raw / "merge_report.json").read_text())
+    assert from_hub["rho"] == pytest.approx(from_data["rho"], rel=1e-9)
+    with pytest.raises(ArtifactError, match="statistics 'someone/absent-stats': no such local folder, and fetching it"):
+        open_artifact("someone/absent-stats", str(paths["expert_a"]), str(paths["base"]))
