@@ -12,7 +12,6 @@ The command line lives in cli/__init__.py; this module holds the logic.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -32,6 +31,7 @@ from .runner import write_config
 DEFAULT_METHODS = ("output_qp", "linear", "task_arithmetic", "ties")
 DEFAULT_BASES = ("full", "diagonal", "task")
 RESULT_FILES = ("plan.json", "plan.md", "plan.png")
+CONFIGS = "plan-configs"  # a folder of plan's own: only its *.yml are ever replaced
 OUTPUT_QP = "output_qp"
 __all__ = ["DEFAULT_BASES", "DEFAULT_METHODS", "plan"]
 
@@ -40,9 +40,22 @@ def planned_configs(raw: Dict[str, Any], methods: Sequence[str], params: Sequenc
                     bases: Sequence[str]) -> List[tuple]:
     """(row label, derived config) per planned method: output_qp once per basis of `bases` (unless
     --param gives it a basis), every other method once, each checked as `compare` checks it."""
-    if len(set(methods)) != len(methods):
-        raise CompareError(f"plan: --methods lists a method twice: {', '.join(methods)}")
+    from ..plugin.prediction import planned_calibration_overrides
+
+    for what, values in (("--methods", methods), ("--bases", bases)):
+        if not values and (what == "--methods" or OUTPUT_QP in methods):
+            raise CompareError(f"plan: {what} is empty")
+        if len(set(values)) != len(values):
+            raise CompareError(f"plan: {what} lists a value twice: {', '.join(values)}")
+    for key in ("tokenizer", "tokenizer_source"):
+        if raw.get(key):
+            raise CompareError(f"plan: CONFIG sets `{key}`: a merged tokenizer re-orders vocabulary rows, which plan "
+                               "does not predict; plan the experts without it")
     overrides = parse_overrides(params, methods, command="plan")
+    changed = planned_calibration_overrides(overrides.get(OUTPUT_QP, {}))
+    if changed:
+        raise CompareError(f"plan: -p output_qp:{changed[0]}=… would change the calibration statistics, which plan "
+                           "takes from CONFIG: set it in CONFIG instead")
     rows = []
     for method in methods:
         given = overrides.get(method, {})
@@ -61,7 +74,7 @@ def plan(config_path: str, methods: Sequence[str] = DEFAULT_METHODS, params: Seq
     """Predicted ρ (overall and per task) of each planned method, the experts' energies,
     interference matrix and cosines, and warnings; written to `out_dir` when given."""
     from ..plugin import calibration_problem
-    from ..plugin.prediction import MethodPredictor
+    from ..plugin.prediction import MethodPredictor, weight_infos
 
     raw = read_config(config_path, command="plan")
     rows = planned_configs(raw, methods, params, bases)
@@ -69,10 +82,13 @@ def plan(config_path: str, methods: Sequence[str] = DEFAULT_METHODS, params: Seq
     expert_names = [str(m["model"]) for m in raw["models"] if str(m["model"]) != base_name]
     try:  # every method's parameters checked before any forward pass
         predictors = [MethodPredictor(label, config, expert_names, base_name) for label, config in rows]
-    except ValueError as error:
+        problem = calibration_problem(config_path, device=device, command="plan")
+    except ValueError as error:  # PlanError and the calibration data's own errors
         raise CompareError(str(error)) from None
-    problem = calibration_problem(config_path, device=device)
-    assert len(problem.names) == len(expert_names), (problem.names, expert_names)
+    if len(problem.names) != len(expert_names):
+        raise CompareError(f"plan: {config_path} lists {len(expert_names)} experts but mergekit reads "
+                           f"{len(problem.names)} ({', '.join(problem.names)})")
+    infos = weight_infos(problem.base_dir)
     tasks = task_names(problem.names)
     weights = list(problem.weights)
     base = Checkpoint(problem.base_dir)
@@ -80,20 +96,23 @@ def plan(config_path: str, methods: Sequence[str] = DEFAULT_METHODS, params: Seq
     count = len(experts)
     cross = torch.zeros((count, count, count), dtype=torch.float64)
     records: Dict[str, List[Dict]] = {p.label: [] for p in predictors}
-    maps = linear_problems(base, experts, problem.statistics)
-    for linear in tqdm(maps, desc="plan: linear maps", file=sys.stderr, disable=None):
-        block = cross_energies(linear.deltas, linear.grams)
-        cross += block
-        energy = [float(block[k, k, k]) for k in range(count)]
-        for predictor in predictors:
-            weight, bias = predictor.merged(f"{linear.module}.weight", linear.base_weight, linear.expert_weights,
-                                            linear.statistics, linear.base_bias, linear.expert_biases)
-            residual = residual_energies(linear.update(weight, bias), linear.deltas, linear.grams)
-            objective = Objective(tuple(residual), tuple(energy), sum(w * j for w, j in zip(weights, residual)),
-                                  sum(w * e for w, e in zip(weights, energy)))
-            records[predictor.label].append(tensor_record(f"{linear.module}.weight", objective, weights, tasks))
-            del weight, bias
-        del linear
+    try:
+        maps = linear_problems(base, experts, problem.statistics, tasks)
+        for linear in tqdm(maps, desc="plan: linear maps", file=sys.stderr, disable=None):
+            block = cross_energies(linear.deltas, linear.grams)
+            cross += block
+            energy = [float(block[k, k, k]) for k in range(count)]
+            for predictor in predictors:
+                weight, bias = predictor.merged(f"{linear.module}.weight", linear.base_weight, linear.expert_weights,
+                                                linear.statistics, linear.base_bias, linear.expert_biases, infos)
+                residual = residual_energies(linear.update(weight, bias), linear.deltas, linear.grams)
+                objective = Objective(tuple(residual), tuple(energy), sum(w * j for w, j in zip(weights, residual)),
+                                      sum(w * e for w, e in zip(weights, energy)))
+                records[predictor.label].append(tensor_record(f"{linear.module}.weight", objective, weights, tasks))
+                del weight, bias
+            del linear
+    except ValueError as error:  # statistics that do not fit the checkpoints
+        raise CompareError(f"plan: {error}") from None
     if not any(records.values()):
         raise CompareError(f"plan: no linear map of {problem.base_dir} has calibration statistics")
     result = summarise(Interference(cross, tuple(tasks), tuple(weights)), records, rows, problem, config_path)
@@ -131,7 +150,7 @@ def summarise(interference: Interference, records: Dict[str, List[Dict]], rows: 
         "best": {t: {"rho": r, "method": m} for t, (r, m) in best.items()},
         "warnings": interference.warnings(best),
         "linear_maps": len(next(iter(records.values()))),
-        "configs": {label: f"configs/{config_stem(label)}.yml" for label, _ in rows},
+        "configs": {label: f"{CONFIGS}/{config_stem(label)}.yml" for label, _ in rows},
     }
 
 
@@ -140,15 +159,16 @@ def config_stem(label: str) -> str:
 
 
 def write(result: Dict[str, Any], rows: Sequence[tuple], out: Path) -> None:
-    """plan.json, plan.md, plan.png and configs/LABEL.yml (each planned method's config, ready for
+    """plan.json, plan.md, plan.png and plan-configs/LABEL.yml (each planned method's config, ready for
     `mergekit-yaml`) in `out`; the files of an earlier plan there are replaced."""
     out.mkdir(parents=True, exist_ok=True)
     for name in RESULT_FILES:
         (out / name).unlink(missing_ok=True)  # never leave an earlier run's file beside this one's
-    shutil.rmtree(out / "configs", ignore_errors=True)
-    (out / "configs").mkdir()
+    folder = out / CONFIGS
+    for old in folder.glob("*.yml") if folder.is_dir() else ():  # an earlier plan's configs
+        old.unlink()
     for label, config in rows:
-        write_config(out / "configs" / f"{config_stem(label)}.yml", config)
+        write_config(folder / f"{config_stem(label)}.yml", config)
     (out / "plan.md").write_text(render_markdown(result), encoding="utf-8")
     plot_interference(result, out / "plan.png")
     (out / "plan.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")

@@ -89,14 +89,16 @@ class Interference:
         """I[j][k] = tr(Δ_j G_k Δ_jᵀ) / E_k (row: the expert that moves, column: the task);
         None where E_k = 0. The diagonal is 1."""
         count = len(self.tasks)
-        return [[_ratio(float(self.cross[k, j, j]), float(self.cross[k, k, k])) for k in range(count)]
+        return [[_ratio(max(0.0, float(self.cross[k, j, j])), float(self.cross[k, k, k])) for k in range(count)]
                 for j in range(count)]
 
     def cosine(self, task: int) -> List[List[Optional[float]]]:
         """cos[i][j] of the experts' output changes on task `task`'s inputs; None where one is 0."""
         c = self.cross[task]
         count = len(self.tasks)
-        return [[_ratio(float(c[i, j]), float(c[i, i] * c[j, j]) ** 0.5) for j in range(count)] for i in range(count)]
+        # energies clamped at 0: low-precision Grams can leave a tiny negative one (no complex root)
+        own = [max(0.0, float(c[i, i])) for i in range(count)]
+        return [[_ratio(float(c[i, j]), (own[i] * own[j]) ** 0.5) for j in range(count)] for i in range(count)]
 
     def warnings(self, best_rho: Optional[Mapping[str, Tuple[float, str]]] = None) -> List[str]:
         """Plain-words warnings: an expert that dominates the objective, two experts that pull a

@@ -28,7 +28,7 @@ class CalibrationProblem:
 
 
 def calibration_problem(config_path: str, calibration_config: Optional[str] = None,
-                        device: str = "cpu") -> CalibrationProblem:
+                        device: str = "cpu", command: str = "diagnose") -> CalibrationProblem:
     """The experts of a `models:` config with their calibration statistics (cached): calibration
     data and settings from the config's own `calibration` parameters or from an output_qp config
     of the same experts."""
@@ -38,14 +38,15 @@ def calibration_problem(config_path: str, calibration_config: Optional[str] = No
     config = load_merge_config(config_path)
     source = load_merge_config(calibration_config) if calibration_config else config
     if not config.models or config.base_model is None:
-        raise ValueError(f"diagnose: {config_path} needs `base_model:` and `models:` (slices are not supported)")
+        raise ValueError(f"{command}: {config_path} needs `base_model:` and `models:` (slices are not supported)")
     calibration_of = {str(m.model): (m.parameters or {}).get("calibration") for m in source.models or []}
     artifact_of = {str(m.model): (m.parameters or {}).get("statistics") for m in source.models or []}
     # Task weights ω of the objective: those of the output_qp config when there is one, so that
     # every method is measured on the objective output_qp optimises.
-    weight_of = {str(m.model): float((m.parameters or {}).get("weight", 1.0)) if source.merge_method == METHOD_NAME
-                 else 1.0 for m in source.models or []}
     top = source.parameters or {}
+    # mergekit's order for a per-model parameter: the model's own value, then the top-level one.
+    weight_of = {str(m.model): float((m.parameters or {}).get("weight", top.get("weight", 1.0)))
+                 if source.merge_method == METHOD_NAME else 1.0 for m in source.models or []}
     shared = {p.name: p.validate(top.get(p.name, p.default)) for p in PARAMETERS if p.name in CALIBRATION_SETTINGS}
     # The ridge of the spectrum: output_qp's own when the source is an output_qp config.
     ridge_spec = next(p for p in PARAMETERS if p.name == "ridge")
@@ -59,7 +60,7 @@ def calibration_problem(config_path: str, calibration_config: Optional[str] = No
         artifact = artifact_of.get(str(m.model))
         if not isinstance(calibration, str) and not isinstance(artifact, str):
             where = calibration_config or config_path
-            raise ValueError(f"diagnose: no calibration for {m.model} in {where}: give it a `calibration:` (or "
+            raise ValueError(f"{command}: no calibration for {m.model} in {where}: give it a `calibration:` (or "
                              "`statistics:`) parameter or pass --calibration-config with the output_qp config of the "
                              "same experts")
         stats.append(STATISTICS.expert_statistics(m.model, config.base_model, calibration, settings, torch.device(device),

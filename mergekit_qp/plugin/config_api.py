@@ -33,7 +33,7 @@ def load_merge_config(source: Union[str, "os.PathLike[str]", Mapping[str, Any]])
     return MergeConfiguration.model_validate(raw)
 
 
-def _merge_method(name: str):
+def registered_method(name: str):
     from mergekit.merge_methods import registry
 
     from .registration import register
@@ -48,7 +48,7 @@ def _merge_method(name: str):
 def method_parameter_specs(name: str) -> List[Any]:
     """The parameters of the registered merge method `name` (mergekit ParameterSpec objects:
     name, required, default, scope, validate); raises UnknownMergeMethod."""
-    return list(_merge_method(name).spec.parameters)
+    return list(registered_method(name).spec.parameters)
 
 
 def method_ignores_base_model(name: str) -> bool:
@@ -56,7 +56,7 @@ def method_ignores_base_model(name: str) -> bool:
     would be averaged in as one more model); raises UnknownMergeMethod."""
     from mergekit.merge_methods.base import BasePolicy
 
-    return _merge_method(name).spec.contract.base == BasePolicy.IGNORED
+    return registered_method(name).spec.contract.base == BasePolicy.IGNORED
 
 
 def run_mergekit_yaml(argv: Sequence[str], prog_name: str = "mergekit-yaml") -> None:

@@ -192,7 +192,8 @@ def partner_tensors(group: TensorGroup, name: str) -> Optional[TensorGroup]:
             if entry.is_base:
                 return None
             raise ProblemMismatch(f"{entry.id} has no {name} while the base model has one")
-        tensor = compat.read_tensor(entry.id, key, device=str(group.base.tensor.device))
+        # in the group's dtype (the config's `dtype`, else the promoted one), as mergekit hands the group itself
+        tensor = compat.read_tensor(entry.id, key, device=str(group.base.tensor.device)).to(group.base.tensor.dtype)
         entries.append(TensorEntry(id=entry.id, tensor=tensor, is_base=entry.is_base))
     return TensorGroup(entries=tuple(entries))
 

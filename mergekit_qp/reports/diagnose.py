@@ -65,14 +65,20 @@ class LinearProblem:
         return self.solved(weight, bias) - self.solved(self.base_weight, self.base_bias)
 
 
-def linear_problems(base: Checkpoint, experts: Sequence[Checkpoint],
-                    statistics: Sequence[ModelStatistics]) -> Iterator[LinearProblem]:
-    """Every linear map with calibration statistics and a weight of its own in the base (float64)."""
+def linear_problems(base: Checkpoint, experts: Sequence[Checkpoint], statistics: Sequence[ModelStatistics],
+                    names: Optional[Sequence[str]] = None) -> Iterator[LinearProblem]:
+    """Every linear map with calibration statistics and a weight of its own in the base (float64).
+    `names`: the experts' names, for the error when one expert's statistics lack a map."""
     for module in statistics[0].linear_modules():
         w0 = base.get(f"{module}.weight")
-        found = [s.lookup(module) for s in statistics]
-        if w0 is None or w0.ndim != 2 or not all(isinstance(f, LinearStats) for f in found):
+        if w0 is None or w0.ndim != 2:
             continue  # e.g. a tied lm_head: not a tensor of its own
+        found = [s.lookup(module) for s in statistics]
+        for k, f in enumerate(found):
+            if not isinstance(f, LinearStats):
+                who = names[k] if names is not None else f"expert {k + 1}"
+                raise ValueError(f"the calibration statistics of {who} have no linear map {module} (the first "
+                                 "expert's do): statistics of different architectures or settings")
         weights = [e.get(f"{module}.weight", required=True) for e in experts]
         b0 = base.get(f"{module}.bias")
         biases = None if b0 is None else [e.get(f"{module}.bias", required=True) for e in experts]
@@ -90,7 +96,7 @@ def linear_diagnostic(base_dir: str, expert_dirs: Sequence[str], statistics: Seq
     experts = [Checkpoint(d) for d in expert_dirs]
     tasks = list(tasks) if tasks is not None else [str(d) for d in expert_dirs]
     result = Diagnostic(weights=list(weights), tasks=tasks)
-    for problem in linear_problems(base, experts, statistics):
+    for problem in linear_problems(base, experts, statistics, tasks):
         module = problem.module
         wm = merged.get(f"{module}.weight")
         if wm is None:

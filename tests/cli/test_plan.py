@@ -1,8 +1,10 @@
 """`mergekit-qp plan` through the installed command on tiny GPT-2 models (Conv1D weights stored
 in × out, biases): the ρ it predicts for each method equals the ρ `diagnose` measures on the
 model `mergekit-yaml` writes from the config plan wrote for it; output_qp's prediction also equals
-its own merge report (the solve's float64 update, computed apart); the interference matrix equals
-one recomputed here from forward hooks, without Grams; bad inputs are refused before any work."""
+its own merge report (the solve's float64 update, computed apart); the same on Llama models merged
+in bfloat16 with a top-level weight and `ties_svc` (which must leave the untied output head alone,
+as the merge does); the interference matrix equals one recomputed here from forward hooks, without
+Grams; bad inputs are refused before any work."""
 
 import json
 import os
@@ -80,10 +82,36 @@ def merged_with(planned, label: str) -> Path:
     return out
 
 
-@pytest.mark.parametrize("label", ["output_qp full", "output_qp task", "linear", "task_arithmetic", "ties"])
-def test_predicted_rho_is_what_diagnose_measures_on_the_merge(planned, label, monkeypatch):
+@pytest.fixture(scope="module")
+def planned_bf16(tmp_path_factory):
+    """Llama (untied output head, which mergekit marks with a vocabulary axis), merged in bfloat16,
+    output_qp weights ω from a top-level `weight: 2` that expert_b overrides with 1."""
+    root = tmp_path_factory.mktemp("plan_bf16")
+    paths = tiny_models.build("llama", root)
+    config = tiny_models.write_config(root / "qp.yml", paths, "output_qp", parameters={"weight": 2.0})
+    raw = yaml.safe_load(config.read_text())
+    raw["dtype"] = "bfloat16"
+    raw["models"][1]["parameters"]["weight"] = 1.0
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    cache, out = root / "cache", root / "out"
+    result = subprocess.run([executable("mergekit-qp"), "plan", str(config), "--methods",
+                             "output_qp,task_arithmetic,ties_svc", "--bases", "full", "--out", str(out)],
+                            capture_output=True, text=True, env=environment(cache), cwd=str(root))
+    assert result.returncode == 0, result.stderr[-4000:]
+    payload = json.loads((out / "plan.json").read_text())
+    return SimpleNamespace(root=root, paths=paths, config=config, cache=cache, out=out, result=result, json=payload,
+                           rows={m["name"]: m for m in payload["methods"]})
+
+
+CASES = [("planned", label) for label in ("output_qp full", "output_qp task", "linear", "task_arithmetic", "ties")] + \
+        [("planned_bf16", label) for label in ("output_qp full", "task_arithmetic", "ties_svc")]
+
+
+@pytest.mark.parametrize("setup,label", CASES)
+def test_predicted_rho_is_what_diagnose_measures_on_the_merge(setup, label, request, monkeypatch):
     from mergekit_qp.plugin import diagnose
 
+    planned = request.getfixturevalue(setup)
     monkeypatch.setenv("MERGEKIT_QP_CACHE", str(planned.cache))
     # the experts and calibration of the output_qp config (a linear config has no base model)
     measured = diagnose(str(planned.config), str(merged_with(planned, label)))
@@ -91,7 +119,11 @@ def test_predicted_rho_is_what_diagnose_measures_on_the_merge(planned, label, mo
     assert row["rho"] == pytest.approx(measured["rho"], abs=1e-9)
     by_task = {Path(t).name: v for t, v in measured["rho_by_task"].items()}
     assert row["rho_by_task"] == pytest.approx(by_task, abs=1e-9)
-    if label.startswith("output_qp"):
+    if setup == "planned_bf16":
+        assert planned.json["weights"] == [2.0, 1.0]  # mergekit's order: the model's own, then the top level
+        merged = load_file(str(merged_with(planned, label) / "model.safetensors"))
+        assert merged["lm_head.weight"].dtype == torch.bfloat16
+    elif label.startswith("output_qp"):
         # the merge's own report: ρ of the solve's float64 update, before the weights were rounded to float32
         report = json.loads((merged_with(planned, label) / "merge_report.json").read_text())
         assert row["rho"] == pytest.approx(report["rho"], abs=1e-5)
@@ -138,24 +170,46 @@ def test_interference_matrix_equals_output_changes_from_forward_hooks(planned):
     assert planned.json["energy"]["expert_a"] == pytest.approx(float(energy[0, 0]), rel=1e-6)
 
 
+def test_ties_svc_leaves_the_vocabulary_head_alone_as_the_merge_does(planned_bf16):
+    """Were SVC applied to lm_head in the prediction, the head's update would differ from ties'."""
+    ties_svc = load_file(str(merged_with(planned_bf16, "ties_svc") / "model.safetensors"))
+    plain = planned_bf16.root / "merged" / "ties-plain"
+    config = yaml.safe_load((planned_bf16.out / planned_bf16.json["configs"]["ties_svc"]).read_text())
+    config["merge_method"] = "ties"
+    (planned_bf16.root / "ties.yml").write_text(yaml.safe_dump(config))
+    subprocess.run([executable("mergekit-yaml"), str(planned_bf16.root / "ties.yml"), str(plain)], check=True,
+                   capture_output=True, env=environment(planned_bf16.cache))
+    ties = load_file(str(plain / "model.safetensors"))
+    assert torch.equal(ties_svc["lm_head.weight"], ties["lm_head.weight"])
+    assert not torch.equal(ties_svc["model.layers.0.mlp.down_proj.weight"], ties["model.layers.0.mlp.down_proj.weight"])
+
+
 def test_bad_inputs_are_refused_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setenv("MERGEKIT_QP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
     paths = tiny_models.build("llama", tmp_path)
+    out = str(tmp_path / "plan-out")
     sequential = tiny_models.write_config(tmp_path / "seq.yml", paths, "output_qp", parameters={"sequential": True})
     with pytest.raises(CompareError, match="sequential: true.*not predicted"):
-        plan(str(sequential), out_dir=None)
+        plan(str(sequential), out_dir=out)
     per_tensor = tiny_models.write_config(tmp_path / "filtered.yml", paths, "output_qp",
                                           parameters={"ridge": [{"filter": "mlp", "value": 0.01}, {"value": 1e-4}]})
     with pytest.raises(CompareError, match=r"output_qp parameter 'ridge' is given per tensor"):
-        plan(str(per_tensor), out_dir=None)
+        plan(str(per_tensor), out_dir=out)
     plain = tiny_models.write_config(tmp_path / "qp.yml", paths, "output_qp")
     with pytest.raises(CompareError, match="unknown merge method 'tie'"):
-        plan(str(plain), methods=["tie"], out_dir=None)
+        plan(str(plain), methods=["tie"], out_dir=out)
+    with pytest.raises(CompareError, match="plan: slerp: .*"):  # two inputs only: refused before statistics
+        plan(str(plain), methods=["slerp"], params=["slerp:t=0.5"], out_dir=out)
+    with pytest.raises(CompareError, match=r"-p output_qp:calibration_samples=… would change the calibration"):
+        plan(str(plain), params=["output_qp:calibration_samples=8"], out_dir=out)
+    with pytest.raises(CompareError, match="--bases lists a value twice"):
+        plan(str(plain), bases=["full", "full"], out_dir=out)
+    with pytest.raises(CompareError, match="--methods is empty"):
+        plan(str(plain), methods=[], out_dir=out)
     no_data = tmp_path / "none.yml"
     raw = yaml.safe_load(plain.read_text())
     del raw["models"][1]["parameters"]["calibration"]
     no_data.write_text(yaml.safe_dump(raw))
     with pytest.raises(CompareError, match=r"plan: expert .*expert_b in .*none.yml has no `calibration:`"):
-        plan(str(no_data), out_dir=None)
+        plan(str(no_data), out_dir=out)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "plan-out").exists()  # no statistics, no files
