@@ -179,22 +179,51 @@ def compare_command(config_file: str, methods: str, params, eval_files, eval_sam
 @click.option("--out", "out_dir", default="plan-out", show_default=True, type=click.Path(file_okay=False),
               help="folder for plan.json/.md/.png")
 @click.option("--device", default="cpu", show_default=True, help="device of the calibration passes")
-def plan_command(config_file: str, methods: str, bases: str, params, out_dir: str, device: str) -> None:
+@click.option("--eval", "eval_files", multiple=True, metavar="FILE",
+              help="held-out data, one FILE per expert in config order: needed when an expert lists several "
+                   "checkpoints (each checkpoint's gain is its held-out loss drop against the base)")
+@click.option("--eval-samples", default=256, show_default=True, help="held-out sequences per task (at most)")
+@click.option("--eval-seq-len", type=int, default=None,
+              help="held-out tokens per sequence [default: calibration_seq_len, capped by the model's context]")
+@click.option("--select-by", default="output_qp full", show_default=True,
+              help="the planned row whose per-task ρ scores the combinations of checkpoints")
+def plan_command(config_file: str, methods: str, bases: str, params, out_dir: str, device: str, eval_files,
+                 eval_samples: int, eval_seq_len, select_by: str) -> None:
     """Before merging: the ρ (overall and per task) each method would reach on the experts of
     CONFIG_FILE (an output_qp config), the experts' output energies, how strongly each moves
     every task's outputs (interference matrix, heat map in plan.png), the cosines of their
     output changes, and warnings, from the calibration statistics alone: no model is written.
     Methods get the same per-expert defaults as compare; the predicted ρ is the ρ `diagnose`
     measures on the merge. output_qp with sequential: true is not predicted.
+
+    \b
+    An expert may list several checkpoints (`model: [run/ckpt-100, run/ckpt-200]`, or a folder
+    of checkpoint folders): with --eval, every combination (or, past 16, a coordinate ascent)
+    is scored by Σ_k gain_k · ρ_k, the best planned in full and written to
+    OUT/plan-configs/selected.yml.
     """
+    import yaml
+
     from .compare import CompareError
     from .plan import plan
     from .plan_report import format_table
+    from .plan_select import candidates_of, select_checkpoints
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     chosen_bases = [b.strip() for b in bases.split(",") if b.strip()]
     try:
-        result = plan(config_file, chosen, params, chosen_bases, out_dir, device)
+        with open(config_file, encoding="utf-8") as fp:
+            raw = yaml.safe_load(fp)
+        if isinstance(raw, dict) and raw.get("base_model") and raw.get("models") and candidates_of(raw):
+            result = select_checkpoints(config_file, eval_files, chosen, params, chosen_bases, out_dir, device,
+                                        select_by, eval_samples, eval_seq_len)
+            click.echo(f"chosen checkpoints: {', '.join(result['selection']['chosen']['checkpoints'].values())} "
+                       f"(score {result['selection']['chosen']['score']:.4f}; last checkpoints "
+                       f"{result['selection']['last']['score']:.4f})")
+        else:
+            if eval_files:
+                raise CompareError("plan: --eval is for experts that list several checkpoints; this config lists one each")
+            result = plan(config_file, chosen, params, chosen_bases, out_dir, device)
     except CompareError as error:
         raise click.ClickException(str(error)) from None
     click.echo(format_table(result))

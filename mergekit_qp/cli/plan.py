@@ -70,9 +70,12 @@ def planned_configs(raw: Dict[str, Any], methods: Sequence[str], params: Sequenc
 
 
 def plan(config_path: str, methods: Sequence[str] = DEFAULT_METHODS, params: Sequence[str] = (),
-         bases: Sequence[str] = DEFAULT_BASES, out_dir: Optional[str] = "plan-out", device: str = "cpu") -> Dict[str, Any]:
+         bases: Sequence[str] = DEFAULT_BASES, out_dir: Optional[str] = "plan-out", device: str = "cpu",
+         interference: bool = True) -> Dict[str, Any]:
     """Predicted ρ (overall and per task) of each planned method, the experts' energies,
-    interference matrix and cosines, and warnings; written to `out_dir` when given."""
+    interference matrix and cosines, and warnings; written to `out_dir` when given.
+    `interference=False` skips the cross energies (K² products per map): ρ only, as checkpoint
+    selection needs (its energies and interference are then zero)."""
     from ..plugin import calibration_problem
     from ..plugin.prediction import MethodPredictor, weight_infos
 
@@ -99,9 +102,12 @@ def plan(config_path: str, methods: Sequence[str] = DEFAULT_METHODS, params: Seq
     try:
         maps = linear_problems(base, experts, problem.statistics, tasks)
         for linear in tqdm(maps, desc="plan: linear maps", file=sys.stderr, disable=None):
-            block = cross_energies(linear.deltas, linear.grams)
-            cross += block
-            energy = [float(block[k, k, k]) for k in range(count)]
+            if interference:
+                block = cross_energies(linear.deltas, linear.grams)
+                cross += block
+                energy = [float(block[k, k, k]) for k in range(count)]
+            else:
+                energy = residual_energies(torch.zeros_like(linear.deltas[0]), linear.deltas, linear.grams)
             for predictor in predictors:
                 weight, bias = predictor.merged(f"{linear.module}.weight", linear.base_weight, linear.expert_weights,
                                                 linear.statistics, linear.base_bias, linear.expert_biases, infos)

@@ -54,7 +54,31 @@ def render_markdown(result: Dict[str, Any]) -> str:
     lines += _table(["task", *[f"{tasks[i]} · {tasks[j]}" for i, j in pairs]],
                     [[t, *[_num(result["cosine"][t][i][j]) for i, j in pairs]] for t in tasks])
     lines += ["", "## Warnings", ""] + ([f"- {w}" for w in result["warnings"]] or ["none"])
+    if result.get("selection"):
+        lines += ["", *_selection(result["selection"])]
     return "\n".join(lines) + "\n"
+
+
+def _selection(selection: Dict[str, Any]) -> List[str]:
+    """The checkpoint-selection section: every evaluated combination, best first."""
+    lines = ["## Checkpoints", "",
+             f"Score = Σ_k max(gain_k, 0) · ρ_k: the held-out loss drop of each chosen checkpoint (nats/token) times the "
+             f"share of its output change the merge keeps ({selection['by']}); search: {selection['search']}. "
+             f"Chosen config: `{selection['config']}`.", ""]
+    lines += _table(["expert", "checkpoint", "gain"],
+                    [[name, c, f"{gain:.4f}"] for name, cands in selection["candidates"].items()
+                     for c, gain in ((c, selection["gains"][name][c]) for c in cands)])
+    lines += [""]
+    rows = []
+    for entry in selection["evaluated"]:
+        tag = [n for key, n in (("last", "last"), ("best_individual", "best individual"))
+               if selection[key]["checkpoints"] == entry["checkpoints"]]
+        if entry["checkpoints"] == selection["chosen"]["checkpoints"]:
+            tag.insert(0, "chosen")
+        rows.append([", ".join(entry["checkpoints"].values()), f"{entry['score']:.4f}",
+                     " ".join(f"{t} {_num(r)}" for t, r in entry["rho_by_task"].items()), " / ".join(tag)])
+    lines += _table(["checkpoints", "score", "ρ per task", ""], rows)
+    return lines
 
 
 def plot_interference(result: Dict[str, Any], path) -> None:

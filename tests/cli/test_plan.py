@@ -213,3 +213,101 @@ def test_bad_inputs_are_refused_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(CompareError, match=r"plan: expert .*expert_b in .*none.yml has no `calibration:`"):
         plan(str(no_data), out_dir=out)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "plan-out").exists()  # no statistics, no files
+
+
+# -- choosing checkpoints ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def selected(tmp_path_factory):
+    """expert_a saved at three "training lengths" (its update scaled 0.3, 1, 3; a folder of
+    checkpoints), expert_b one checkpoint; held-out texts of each domain."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("select")
+    paths = tiny_models.build("llama", root)
+    base = load_file(str(paths["base"] / "model.safetensors"))
+    expert = load_file(str(paths["expert_a"] / "model.safetensors"))
+    for step, scale in ((50, 0.3), (100, 1.0), (400, 3.0)):
+        folder = root / "run_a" / f"ckpt-{step}"
+        shutil.copytree(paths["expert_a"], folder)
+        save_file({k: base[k] + scale * (expert[k] - base[k]) for k in base}, str(folder / "model.safetensors"),
+                  metadata={"format": "pt"})
+    heldout = [root / "heldout_a.jsonl", root / "heldout_b.jsonl"]
+    tiny_models.write_calibration(heldout[0], 11, 0, 35, n=12)
+    tiny_models.write_calibration(heldout[1], 12, 25, 60, n=12)
+    config = tiny_models.write_config(root / "qp.yml", paths, "output_qp")
+    raw = yaml.safe_load(config.read_text())
+    raw["models"][0]["model"] = str(root / "run_a")
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    cache, out = root / "cache", root / "out"
+    result = subprocess.run([executable("mergekit-qp"), "plan", str(config), "--methods", "output_qp,ties",
+                             "--bases", "full", "--eval", str(heldout[0]), "--eval", str(heldout[1]), "--out", str(out)],
+                            capture_output=True, text=True, env=environment(cache), cwd=str(root))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return SimpleNamespace(root=root, paths=paths, config=config, cache=cache, out=out, result=result,
+                           heldout=heldout, json=json.loads((out / "plan.json").read_text()))
+
+
+def brute_loss(model_dir, tokenizer_dir, path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for line in Path(path).read_text().splitlines():
+            ids = tokenizer(json.loads(line)["text"], return_tensors="pt")["input_ids"]
+            logits = model(input_ids=ids).logits[0, :-1].double()
+            total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+    return total / count
+
+
+def test_checkpoints_are_ranked_by_the_gain_their_merge_keeps(selected, monkeypatch):
+    selection = selected.json["selection"]
+    run = selected.root / "run_a"
+    expected = [str(run / f"ckpt-{s}") for s in (50, 100, 400)]  # natural order, not 100 < 400 < 50
+    assert list(selection["candidates"].values()) == [expected]
+    # each checkpoint's gain: base loss − its loss on its task's held-out texts, recomputed here
+    base_loss = brute_loss(selected.paths["base"], selected.paths["base"], selected.heldout[0])
+    gains = list(selection["gains"].values())[0]
+    for ckpt in expected:
+        assert gains[ckpt] == pytest.approx(base_loss - brute_loss(ckpt, selected.paths["base"], selected.heldout[0]),
+                                            abs=1e-6)
+    assert selection["search"] == "exhaustive" and len(selection["evaluated"]) == 3
+    # every score is Σ gain · ρ of that combination, its ρ what plan predicts for that config alone
+    monkeypatch.setenv("MERGEKIT_QP_CACHE", str(selected.cache))
+    for entry in selection["evaluated"]:
+        assert entry["score"] == pytest.approx(sum(max(entry["gain_by_task"][t], 0) * entry["rho_by_task"][t]
+                                                   for t in entry["rho_by_task"]), rel=1e-12)
+        assert list(entry["rho_by_task"]) == ["run_a", "expert_b"]  # stable names, whatever the checkpoint
+    one = selection["evaluated"][-1]
+    raw = yaml.safe_load(selected.config.read_text())
+    raw["models"][0]["model"] = one["checkpoints"]["0"]
+    alone = selected.root / "alone.yml"
+    alone.write_text(yaml.safe_dump(raw))
+    again = plan(str(alone), ["output_qp"], bases=["full"], out_dir=None)
+    assert list(again["methods"][0]["rho_by_task"].values()) == pytest.approx(list(one["rho_by_task"].values()),
+                                                                               abs=1e-12)
+    chosen = max(selection["evaluated"], key=lambda e: e["score"])
+    assert selection["chosen"] == chosen
+    assert selection["last"]["checkpoints"] == {"0": expected[-1]}
+    best_gain = max(expected, key=lambda c: gains[c])
+    assert selection["best_individual"]["checkpoints"] == {"0": best_gain}
+    # the selected config is a plain output_qp config of the chosen checkpoint, planned in full
+    written = yaml.safe_load((selected.out / "plan-configs" / "selected.yml").read_text())
+    assert written["models"][0]["model"] == chosen["checkpoints"]["0"]
+    assert [m["name"] for m in selected.json["methods"]] == ["output_qp full", "ties"]
+    assert "## Checkpoints" in (selected.out / "plan.md").read_text()
+    assert "chosen checkpoints:" in selected.result.stdout
+
+
+def test_checkpoint_selection_needs_held_out_data(selected, tmp_path):
+    from click.testing import CliRunner
+
+    from mergekit_qp.cli import main
+
+    result = CliRunner().invoke(main, ["plan", str(selected.config), "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "needs held-out data: --eval FILE, one per expert" in result.output
+    result = CliRunner().invoke(main, ["plan", str(selected.config), "--eval", str(selected.heldout[0]),
+                                       "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "--eval got 1 files for 2 experts" in result.output
