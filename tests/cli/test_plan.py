@@ -7,10 +7,8 @@ as the merge does); the interference matrix equals one recomputed here from forw
 Grams; bad inputs are refused before any work."""
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,25 +18,12 @@ import yaml
 from safetensors.torch import load_file
 
 import tiny_models
+from test_compare import environment, executable  # the installed commands, one thread each
 from mergekit_qp.cli.compare import CompareError
 from mergekit_qp.cli.plan import plan
 
 METHODS = "output_qp,linear,task_arithmetic,ties,dare_ties"
 TASKS = ["expert_a", "expert_b"]
-
-
-def executable(name: str) -> str:
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.exists() else shutil.which(name)
-    assert found, f"{name} is not installed: run `pip install .` first"
-    return found
-
-
-def environment(cache: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update({"MERGEKIT_QP_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                "OMP_NUM_THREADS": "1"})
-    return env
 
 
 @pytest.fixture(scope="module")
