@@ -199,12 +199,10 @@ def plan_command(config_file: str, methods: str, bases: str, params, out_dir: st
     \b
     An expert may list several checkpoints (`model: [run/ckpt-100, run/ckpt-200]`, or a folder
     of checkpoint folders): with --eval, every combination (or, past 16, a coordinate ascent)
-    is scored by Σ_k gain_k · ρ_k, the best planned in full and written to
+    is scored by Σ_k max(gain_k, 0) · ρ_k, the best planned in full and written to
     OUT/plan-configs/selected.yml.
     """
-    import yaml
-
-    from .compare import CompareError
+    from .compare import CompareError, read_config
     from .plan import plan
     from .plan_report import format_table
     from .plan_select import candidates_of, select_checkpoints
@@ -212,9 +210,7 @@ def plan_command(config_file: str, methods: str, bases: str, params, out_dir: st
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     chosen_bases = [b.strip() for b in bases.split(",") if b.strip()]
     try:
-        with open(config_file, encoding="utf-8") as fp:
-            raw = yaml.safe_load(fp)
-        if isinstance(raw, dict) and raw.get("base_model") and raw.get("models") and candidates_of(raw):
+        if candidates_of(read_config(config_file, command="plan")):
             result = select_checkpoints(config_file, eval_files, chosen, params, chosen_bases, out_dir, device,
                                         select_by, eval_samples, eval_seq_len)
             click.echo(f"chosen checkpoints: {', '.join(result['selection']['chosen']['checkpoints'].values())} "
@@ -224,7 +220,7 @@ def plan_command(config_file: str, methods: str, bases: str, params, out_dir: st
             if eval_files:
                 raise CompareError("plan: --eval is for experts that list several checkpoints; this config lists one each")
             result = plan(config_file, chosen, params, chosen_bases, out_dir, device)
-    except CompareError as error:
+    except (CompareError, ValueError, OSError) as error:  # the data's and the models' own errors too
         raise click.ClickException(str(error)) from None
     click.echo(format_table(result))
     for line in result["warnings"]:

@@ -69,6 +69,21 @@ def planned_configs(raw: Dict[str, Any], methods: Sequence[str], params: Sequenc
     return rows
 
 
+def checked_plan(config_path: str, methods: Sequence[str], params: Sequence[str], bases: Sequence[str]):
+    """Everything about CONFIG and the planned methods that can be checked before any forward pass:
+    (rows, one MethodPredictor per row, the experts' names as written)."""
+    from ..plugin.prediction import MethodPredictor
+
+    raw = read_config(config_path, command="plan")
+    rows = planned_configs(raw, methods, params, bases)
+    base_name = str(raw["base_model"])
+    expert_names = [str(m["model"]) for m in raw["models"] if str(m["model"]) != base_name]
+    try:
+        return rows, [MethodPredictor(label, config, expert_names, base_name) for label, config in rows], expert_names
+    except ValueError as error:  # PlanError
+        raise CompareError(str(error)) from None
+
+
 def plan(config_path: str, methods: Sequence[str] = DEFAULT_METHODS, params: Sequence[str] = (),
          bases: Sequence[str] = DEFAULT_BASES, out_dir: Optional[str] = "plan-out", device: str = "cpu",
          interference: bool = True) -> Dict[str, Any]:
@@ -77,14 +92,10 @@ def plan(config_path: str, methods: Sequence[str] = DEFAULT_METHODS, params: Seq
     `interference=False` skips the cross energies (K² products per map): ρ only, as checkpoint
     selection needs (its energies and interference are then zero)."""
     from ..plugin import calibration_problem
-    from ..plugin.prediction import MethodPredictor, weight_infos
+    from ..plugin.prediction import weight_infos
 
-    raw = read_config(config_path, command="plan")
-    rows = planned_configs(raw, methods, params, bases)
-    base_name = str(raw["base_model"])
-    expert_names = [str(m["model"]) for m in raw["models"] if str(m["model"]) != base_name]
-    try:  # every method's parameters checked before any forward pass
-        predictors = [MethodPredictor(label, config, expert_names, base_name) for label, config in rows]
+    rows, predictors, expert_names = checked_plan(config_path, methods, params, bases)
+    try:
         problem = calibration_problem(config_path, device=device, command="plan")
     except ValueError as error:  # PlanError and the calibration data's own errors
         raise CompareError(str(error)) from None

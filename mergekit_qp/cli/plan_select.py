@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import yaml
-
-from .compare import CompareError, check_causal_lm, heldout_sequences, read_config, task_names
+from .compare import CompareError, check_causal_lm, heldout_sequences, read_config
 from .runner import heldout_loss, load_causal_lm, write_config
 
 EXHAUSTIVE = 16
@@ -44,7 +43,9 @@ def checkpoint_folders(location: str) -> Optional[List[str]]:
     folder = Path(location).expanduser()
     if not folder.is_dir() or (folder / "config.json").exists():
         return None
-    found = sorted((d for d in folder.iterdir() if (d / "config.json").is_file()), key=_natural)
+    # a symlink (e.g. last-checkpoint) would repeat one; tmp-* folders are unfinished saves
+    found = sorted((d for d in folder.iterdir() if (d / "config.json").is_file() and not d.is_symlink()
+                    and not d.name.startswith("tmp")), key=_natural)
     return [str(d) for d in found] or None
 
 
@@ -69,38 +70,66 @@ def with_choice(raw: Dict[str, Any], choice: Dict[int, str]) -> Dict[str, Any]:
     return {**raw, "models": models}
 
 
+def expert_names(raw: Dict[str, Any], experts: List[int], candidates: Dict[int, List[str]]) -> List[str]:
+    """One name per expert whatever checkpoint is chosen: a folder of checkpoints' own name, a
+    list's common folder, a single model's folder; `models[i]` where those would collide."""
+    def name(i: int) -> str:
+        if i not in candidates:
+            return os.path.basename(str(raw["models"][i]["model"]).rstrip("/"))
+        model = raw["models"][i]["model"]
+        common = model if isinstance(model, str) else os.path.commonpath([os.path.abspath(c) for c in model])
+        return os.path.basename(str(common).rstrip("/")) or f"models[{i}]"
+
+    names = [name(i) for i in experts]
+    return [n if names.count(n) == 1 else f"models[{i}]" for i, n in zip(experts, names)]
+
+
 def select_checkpoints(config_path: str, eval_items: Sequence[str], methods: Sequence[str], params: Sequence[str],
                        bases: Sequence[str], out_dir: str, device: str = "cpu", select_by: str = "output_qp full",
                        eval_samples: int = 256, eval_seq_len: Optional[int] = None) -> Dict[str, Any]:
     """Score the combinations of checkpoints, plan the best in full; returns plan's result with a
     `selection` entry (every evaluated combination, the gains, the last and best-individual ones)."""
+    import torch
+
     from ..calibration.data import batches
     from ..calibration.models import load_tokenizer
-    from .plan import plan, planned_configs
+    from .plan import checked_plan, plan
     from .plan_report import render_markdown
 
-    with open(config_path, encoding="utf-8") as fp:
-        raw = yaml.safe_load(fp)
-    if not isinstance(raw, dict) or not raw.get("base_model") or not raw.get("models"):
-        raise CompareError(f"plan: {config_path} needs `base_model:` and `models:`")
+    raw = read_config(config_path, command="plan")
     candidates = candidates_of(raw)
     experts = [i for i, e in enumerate(raw["models"]) if str(e.get("model")) != str(raw["base_model"])]
+    # Everything checkable is checked before any forward pass.
     if not eval_items:
         raise CompareError("plan: choosing among checkpoints needs held-out data: --eval FILE, one per expert in "
                            "config order (each checkpoint's gain is its held-out loss drop against the base)")
     if len(eval_items) != len(experts):
         raise CompareError(f"plan: --eval got {len(eval_items)} files for {len(experts)} experts: one per expert, in "
                            "config order")
+    if eval_samples < 1 or (eval_seq_len is not None and eval_seq_len < 2):
+        raise CompareError("plan: --eval-samples must be ≥ 1 and --eval-seq-len ≥ 2")
+    for path in eval_items:
+        if not os.path.isfile(path):
+            raise CompareError(f"plan: --eval file does not exist: {path}")
+    for i, cands in candidates.items():
+        if (raw["models"][i].get("parameters") or {}).get("statistics"):
+            raise CompareError(f"plan: models[{i}] lists several checkpoints and one `statistics:` artifact, which "
+                               "describes one model: give `calibration:` data instead")
+        for c in cands:
+            if not os.path.isfile(os.path.join(c, "config.json")):
+                raise CompareError(f"plan: checkpoint {c} of models[{i}] is not a model folder (no config.json)")
+    names = expert_names(raw, experts, candidates)
     out = Path(out_dir)
     folder = out / "plan-configs" / "candidates"
     folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.yml"):  # an earlier selection's configs
+        old.unlink()
     last = {i: c[-1] for i, c in candidates.items()}
-    # Everything checkable is checked on the last checkpoints before any forward pass.
-    first = write_config(folder / "last.yml", with_choice(raw, last))
-    read_config(str(first), command="plan")
-    rows = planned_configs(read_config(str(first), command="plan"), methods, params, bases)
+    rows, _, _ = checked_plan(str(write_config(folder / "last.yml", with_choice(raw, last))), methods, params, bases)
     if select_by not in [label for label, _ in rows]:
         raise CompareError(f"plan: --select-by {select_by!r} is not a planned row ({', '.join(l for l, _ in rows)})")
+    label, _, basis = select_by.partition(" ")
+    select_params = [p for p in params if p.partition(":")[0].strip() == label]
     base_dir = str(raw["base_model"])
     check_causal_lm(base_dir)
     tokenizer = load_tokenizer(base_dir)
@@ -115,28 +144,28 @@ def select_checkpoints(config_path: str, eval_items: Sequence[str], methods: Seq
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     sequences = {i: heldout_sequences(path, tokenizer, eval_samples, seq_len, top.get("calibration_field"))
                  for i, path in zip(experts, eval_items)}
-
-    def loss(model_dir: str, index: int) -> float:
-        return heldout_loss(load_causal_lm(model_dir, device), batches(sequences[index], pad_id=pad), device=device)
-
-    base_loss = {i: loss(base_dir, i) for i in candidates}
-    gains = {i: {c: base_loss[i] - loss(c, i) for c in cands} for i, cands in candidates.items()}
-    fixed_gain = {}  # experts with one checkpoint: their gain, for the score
     for i in experts:
-        if i not in candidates:
-            fixed_gain[i] = loss(base_dir, i) - loss(str(raw["models"][i]["model"]), i)
+        if not any(len(seq) >= 2 for seq in sequences[i]):
+            raise CompareError(f"plan --eval: the held-out data of {names[experts.index(i)]} has no sequence of two "
+                               "or more tokens")
+
+    def losses(model_dir: str, indices) -> Dict[int, float]:
+        model = load_causal_lm(model_dir, device)  # once per model, all its tasks
+        return {i: heldout_loss(model, batches(sequences[i], pad_id=pad), device=device) for i in indices}
+
+    base_loss = losses(base_dir, experts)
+    gains = {i: {c: base_loss[i] - losses(c, [i])[i] for c in cands} for i, cands in candidates.items()}
+    fixed_gain = {i: base_loss[i] - losses(str(raw["models"][i]["model"]), [i])[i]
+                  for i in experts if i not in candidates}  # experts with one checkpoint, for the score
     evaluated: Dict[tuple, Dict[str, Any]] = {}
-    # one name per expert whatever checkpoint is chosen: a run's folder (the checkpoints' common one)
-    names = task_names([os.path.commonpath(candidates[i]) if i in candidates else str(raw["models"][i]["model"])
-                        for i in experts])
 
     def score(choice: Dict[int, str]) -> Dict[str, Any]:
         key = tuple(choice[i] for i in sorted(candidates))
         if key not in evaluated:
             path = write_config(folder / f"combination-{len(evaluated)}.yml", with_choice(raw, choice))
-            label, _, basis = select_by.partition(" ")
-            result = plan(str(path), [label], params, [basis] if basis else list(bases), out_dir=None, device=device,
-                          interference=False)
+            torch.manual_seed(0)  # a random method scores every combination on the same draw
+            result = plan(str(path), [label], select_params, [basis] if basis else list(bases), out_dir=None,
+                          device=device, interference=False)
             row = next(m for m in result["methods"] if m["name"] == select_by)
             rho = [row["rho_by_task"][t] for t in result["tasks"]]  # in expert order
             gain = [gains[i][choice[i]] if i in candidates else fixed_gain[i] for i in experts]
@@ -147,9 +176,8 @@ def select_checkpoints(config_path: str, eval_items: Sequence[str], methods: Seq
             print(f"plan: combination {len(evaluated)}: score {evaluated[key]['score']:.4f}", file=sys.stderr)
         return evaluated[key]
 
-    combinations = list(itertools.product(*(candidates[i] for i in sorted(candidates))))
-    if len(combinations) <= EXHAUSTIVE:
-        for combo in combinations:
+    if math.prod(len(c) for c in candidates.values()) <= EXHAUSTIVE:
+        for combo in itertools.product(*(candidates[i] for i in sorted(candidates))):
             score(dict(zip(sorted(candidates), combo)))
         search = "exhaustive"
     else:

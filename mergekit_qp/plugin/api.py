@@ -45,8 +45,13 @@ def calibration_problem(config_path: str, calibration_config: Optional[str] = No
     # every method is measured on the objective output_qp optimises.
     top = source.parameters or {}
     # mergekit's order for a per-model parameter: the model's own value, then the top-level one.
-    weight_of = {str(m.model): float((m.parameters or {}).get("weight", top.get("weight", 1.0)))
-                 if source.merge_method == METHOD_NAME else 1.0 for m in source.models or []}
+    weight_of = {}
+    for m in source.models or []:
+        value = (m.parameters or {}).get("weight", top.get("weight", 1.0)) if source.merge_method == METHOD_NAME else 1.0
+        if not isinstance(value, (int, float)):
+            raise ValueError(f"{command}: the weight of {m.model} is given per tensor ({value!r}); the objective's "
+                             "task weights ω take one number per expert")
+        weight_of[str(m.model)] = float(value)
     shared = {p.name: p.validate(top.get(p.name, p.default)) for p in PARAMETERS if p.name in CALIBRATION_SETTINGS}
     # The ridge of the spectrum: output_qp's own when the source is an output_qp config.
     ridge_spec = next(p for p in PARAMETERS if p.name == "ridge")

@@ -201,35 +201,46 @@ def test_bad_inputs_are_refused_before_any_work(tmp_path, monkeypatch):
 
 
 # -- choosing checkpoints ------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def selected(tmp_path_factory):
-    """expert_a saved at three "training lengths" (its update scaled 0.3, 1, 3; a folder of
-    checkpoints), expert_b one checkpoint; held-out texts of each domain."""
+def save_checkpoints(paths, expert, folder: Path, scales):
+    """`expert` saved at several "training lengths": its update over the base scaled by each scale."""
     from safetensors.torch import save_file
 
+    base = load_file(str(paths["base"] / "model.safetensors"))
+    tensors = load_file(str(paths[expert] / "model.safetensors"))
+    out = []
+    for step, scale in scales:
+        target = folder / f"ckpt-{step}"
+        shutil.copytree(paths[expert], target)
+        save_file({k: base[k] + scale * (tensors[k] - base[k]) for k in base}, str(target / "model.safetensors"),
+                  metadata={"format": "pt"})
+        out.append(str(target))
+    return out
+
+
+@pytest.fixture(scope="module")
+def selected(tmp_path_factory):
+    """expert_a saved at three "training lengths" (update × 0.3, 1, 3; a folder of checkpoints),
+    expert_b at two (× 0.5, 1; a list); held-out texts of each domain; `plan` through the command."""
     root = tmp_path_factory.mktemp("select")
     paths = tiny_models.build("llama", root)
-    base = load_file(str(paths["base"] / "model.safetensors"))
-    expert = load_file(str(paths["expert_a"] / "model.safetensors"))
-    for step, scale in ((50, 0.3), (100, 1.0), (400, 3.0)):
-        folder = root / "run_a" / f"ckpt-{step}"
-        shutil.copytree(paths["expert_a"], folder)
-        save_file({k: base[k] + scale * (expert[k] - base[k]) for k in base}, str(folder / "model.safetensors"),
-                  metadata={"format": "pt"})
+    run_a = save_checkpoints(paths, "expert_a", root / "run_a", ((50, 0.3), (100, 1.0), (400, 3.0)))
+    run_b = save_checkpoints(paths, "expert_b", root / "run_b", ((10, 0.5), (20, 1.0)))
     heldout = [root / "heldout_a.jsonl", root / "heldout_b.jsonl"]
     tiny_models.write_calibration(heldout[0], 11, 0, 35, n=12)
     tiny_models.write_calibration(heldout[1], 12, 25, 60, n=12)
     config = tiny_models.write_config(root / "qp.yml", paths, "output_qp")
     raw = yaml.safe_load(config.read_text())
     raw["models"][0]["model"] = str(root / "run_a")
+    raw["models"][1]["model"] = run_b
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
     cache, out = root / "cache", root / "out"
     result = subprocess.run([executable("mergekit-qp"), "plan", str(config), "--methods", "output_qp,ties",
-                             "--bases", "full", "--eval", str(heldout[0]), "--eval", str(heldout[1]), "--out", str(out)],
+                             "--bases", "full", "--eval", str(heldout[0]), "--eval", str(heldout[1]), "--out", str(out),
+                             "-p", "ties:density=0.3"],
                             capture_output=True, text=True, env=environment(cache), cwd=str(root))
     assert result.returncode == 0, result.stderr[-4000:]
-    return SimpleNamespace(root=root, paths=paths, config=config, cache=cache, out=out, result=result,
-                           heldout=heldout, json=json.loads((out / "plan.json").read_text()))
+    return SimpleNamespace(root=root, paths=paths, config=config, cache=cache, out=out, result=result, run_a=run_a,
+                           run_b=run_b, heldout=heldout, json=json.loads((out / "plan.json").read_text()))
 
 
 def brute_loss(model_dir, tokenizer_dir, path):
@@ -247,52 +258,88 @@ def brute_loss(model_dir, tokenizer_dir, path):
     return total / count
 
 
-def test_checkpoints_are_ranked_by_the_gain_their_merge_keeps(selected, monkeypatch):
-    selection = selected.json["selection"]
-    run = selected.root / "run_a"
-    expected = [str(run / f"ckpt-{s}") for s in (50, 100, 400)]  # natural order, not 100 < 400 < 50
-    assert list(selection["candidates"].values()) == [expected]
-    # each checkpoint's gain: base loss − its loss on its task's held-out texts, recomputed here
-    base_loss = brute_loss(selected.paths["base"], selected.paths["base"], selected.heldout[0])
-    gains = list(selection["gains"].values())[0]
-    for ckpt in expected:
-        assert gains[ckpt] == pytest.approx(base_loss - brute_loss(ckpt, selected.paths["base"], selected.heldout[0]),
-                                            abs=1e-6)
-    assert selection["search"] == "exhaustive" and len(selection["evaluated"]) == 3
-    # every score is Σ gain · ρ of that combination, its ρ what plan predicts for that config alone
-    monkeypatch.setenv("MERGEKIT_QP_CACHE", str(selected.cache))
-    for entry in selection["evaluated"]:
-        assert entry["score"] == pytest.approx(sum(max(entry["gain_by_task"][t], 0) * entry["rho_by_task"][t]
-                                                   for t in entry["rho_by_task"]), rel=1e-12)
-        assert list(entry["rho_by_task"]) == ["run_a", "expert_b"]  # stable names, whatever the checkpoint
-    one = selection["evaluated"][-1]
+def concrete(selected, a: str, b: str, name: str) -> Path:
     raw = yaml.safe_load(selected.config.read_text())
-    raw["models"][0]["model"] = one["checkpoints"]["0"]
-    alone = selected.root / "alone.yml"
-    alone.write_text(yaml.safe_dump(raw))
-    again = plan(str(alone), ["output_qp"], bases=["full"], out_dir=None)
-    assert list(again["methods"][0]["rho_by_task"].values()) == pytest.approx(list(one["rho_by_task"].values()),
-                                                                               abs=1e-12)
-    chosen = max(selection["evaluated"], key=lambda e: e["score"])
-    assert selection["chosen"] == chosen
-    assert selection["last"]["checkpoints"] == {"0": expected[-1]}
-    best_gain = max(expected, key=lambda c: gains[c])
-    assert selection["best_individual"]["checkpoints"] == {"0": best_gain}
-    # the selected config is a plain output_qp config of the chosen checkpoint, planned in full
+    raw["models"][0]["model"], raw["models"][1]["model"] = a, b
+    path = selected.root / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_the_chosen_checkpoints_keep_the_most_gain_recomputed_independently(selected, monkeypatch):
+    """Gains from transformers' logits, ρ from plan on each combination written out by hand: the
+    combination with the largest Σ max(gain, 0)·ρ is the one chosen, over all six."""
+    selection = selected.json["selection"]
+    assert selection["candidates"] == {"run_a": selected.run_a, "run_b": selected.run_b}  # ckpt-50 < 100 < 400
+    assert selection["search"] == "exhaustive" and len(selection["evaluated"]) == 6
+    base = selected.paths["base"]
+    gains = {}
+    for task, run, heldout in (("run_a", selected.run_a, selected.heldout[0]), ("run_b", selected.run_b, selected.heldout[1])):
+        base_loss = brute_loss(base, base, heldout)
+        gains[task] = {c: base_loss - brute_loss(c, base, heldout) for c in run}
+        assert selection["gains"][task] == pytest.approx(gains[task], abs=1e-6)
+    monkeypatch.setenv("MERGEKIT_QP_CACHE", str(selected.cache))
+    scores = {}
+    for n, (a, b) in enumerate((a, b) for a in selected.run_a for b in selected.run_b):
+        rho = plan(str(concrete(selected, a, b, f"c{n}.yml")), ["output_qp"], bases=["full"], out_dir=None)
+        rho = list(rho["methods"][0]["rho_by_task"].values())
+        scores[(a, b)] = max(gains["run_a"][a], 0) * rho[0] + max(gains["run_b"][b], 0) * rho[1]
+    best = max(scores, key=scores.get)
+    chosen = selection["chosen"]
+    assert (chosen["checkpoints"]["0"], chosen["checkpoints"]["1"]) == best
+    assert chosen["score"] == pytest.approx(scores[best], abs=1e-6)
+    assert list(chosen["rho_by_task"]) == ["run_a", "run_b"]  # stable names, whatever the checkpoint
+    assert selection["last"]["checkpoints"] == {"0": selected.run_a[-1], "1": selected.run_b[-1]}
+    individual = {"0": max(gains["run_a"], key=gains["run_a"].get), "1": max(gains["run_b"], key=gains["run_b"].get)}
+    assert selection["best_individual"]["checkpoints"] == individual
+    # the selected config is a plain output_qp config of the chosen checkpoints, planned in full
     written = yaml.safe_load((selected.out / "plan-configs" / "selected.yml").read_text())
-    assert written["models"][0]["model"] == chosen["checkpoints"]["0"]
+    assert [m["model"] for m in written["models"]] == list(best)
     assert [m["name"] for m in selected.json["methods"]] == ["output_qp full", "ties"]
     assert "## Checkpoints" in (selected.out / "plan.md").read_text()
     assert "chosen checkpoints:" in selected.result.stdout
 
 
-def test_checkpoint_selection_needs_held_out_data(selected, tmp_path):
+def test_coordinate_ascent_ends_where_no_single_change_helps(selected, tmp_path, monkeypatch):
+    from mergekit_qp.cli import plan_select
+
+    monkeypatch.setenv("MERGEKIT_QP_CACHE", str(selected.cache))
+    monkeypatch.setattr(plan_select, "EXHAUSTIVE", 1)
+    found = plan_select.select_checkpoints(str(selected.config), [str(h) for h in selected.heldout], ["output_qp"], [],
+                                           ["full"], str(tmp_path / "out"))["selection"]
+    assert found["search"].startswith("coordinate ascent")
+    scores = {(e["checkpoints"]["0"], e["checkpoints"]["1"]): e["score"] for e in selected.json["selection"]["evaluated"]}
+    a, b = found["chosen"]["checkpoints"]["0"], found["chosen"]["checkpoints"]["1"]
+    assert found["chosen"]["score"] == pytest.approx(scores[(a, b)], abs=1e-9)  # the exhaustive run's score
+    assert all(scores[(x, b)] <= scores[(a, b)] + 1e-12 for x in selected.run_a)
+    assert all(scores[(a, y)] <= scores[(a, b)] + 1e-12 for y in selected.run_b)
+    assert found["chosen"]["score"] >= found["last"]["score"]
+
+
+def test_checkpoint_selection_refuses_bad_input_before_any_forward_pass(selected, tmp_path):
     from click.testing import CliRunner
 
     from mergekit_qp.cli import main
 
-    result = CliRunner().invoke(main, ["plan", str(selected.config), "--out", str(tmp_path / "o")])
+    def plan_cli(*args):
+        return CliRunner().invoke(main, ["plan", *args, "--out", str(tmp_path / "o")])
+
+    result = plan_cli(str(selected.config))
     assert result.exit_code != 0 and "needs held-out data: --eval FILE, one per expert" in result.output
-    result = CliRunner().invoke(main, ["plan", str(selected.config), "--eval", str(selected.heldout[0]),
-                                       "--out", str(tmp_path / "o")])
+    result = plan_cli(str(selected.config), "--eval", str(selected.heldout[0]))
     assert result.exit_code != 0 and "--eval got 1 files for 2 experts" in result.output
+    result = plan_cli(str(selected.config), "--eval", str(selected.heldout[0]), "--eval", str(tmp_path / "none.jsonl"))
+    assert result.exit_code != 0 and "--eval file does not exist" in result.output
+    raw = yaml.safe_load(selected.config.read_text())
+    raw["models"][1]["model"] = [str(tmp_path / "typo"), *selected.run_b]
+    bad = tmp_path / "typo.yml"
+    bad.write_text(yaml.safe_dump(raw))
+    evals = ["--eval", str(selected.heldout[0]), "--eval", str(selected.heldout[1])]
+    result = plan_cli(str(bad), *evals)
+    assert result.exit_code != 0 and "typo of models[1] is not a model folder (no config.json)" in result.output
+    raw["models"][1]["model"] = selected.run_b
+    raw["parameters"] = {"sequential": True}
+    bad.write_text(yaml.safe_dump(raw))
+    result = plan_cli(str(bad), *evals)
+    assert result.exit_code != 0 and "sequential: true" in result.output
+    assert not (tmp_path / "o" / "plan.json").exists()
