@@ -127,7 +127,8 @@ def select_checkpoints(config_path: str, eval_items: Sequence[str], methods: Seq
     last = {i: c[-1] for i, c in candidates.items()}
     rows, _, _ = checked_plan(str(write_config(folder / "last.yml", with_choice(raw, last))), methods, params, bases)
     if select_by not in [label for label, _ in rows]:
-        raise CompareError(f"plan: --select-by {select_by!r} is not a planned row ({', '.join(l for l, _ in rows)})")
+        known = ", ".join(name for name, _ in rows)
+        raise CompareError(f"plan: --select-by {select_by!r} is not a planned row ({known})")
     label, _, basis = select_by.partition(" ")
     select_params = [p for p in params if p.partition(":")[0].strip() == label]
     base_dir = str(raw["base_model"])
