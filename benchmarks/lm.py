@@ -283,11 +283,12 @@ def eval_windows(build: Build, tokenizer, root: Path) -> dict:
 
 
 def train(model, streams: list, *, steps: int, batch: int, lr: float, seed: int, cosine: bool, desc: str,
-          context: int | None = None, bf16: bool = False) -> dict:
+          context: int | None = None, bf16: bool = False, on_step=None) -> dict:
     """AdamW on random windows; batch rows cycle over `streams` so a mix is balanced.
 
     `context`: window length (default the model's whole context). `bf16`: forward and backward under
-    bfloat16 autocast (the float32 weights and optimiser stay float32): 3x faster on CPUs with AMX."""
+    bfloat16 autocast (the float32 weights and optimiser stay float32): 3x faster on CPUs with AMX.
+    `on_step(steps_done, model)`: called after every step (to save checkpoints)."""
     import torch
     from tqdm import tqdm
 
@@ -318,6 +319,8 @@ def train(model, streams: list, *, steps: int, batch: int, lr: float, seed: int,
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        if on_step is not None:
+            on_step(step + 1, model)
     model.eval()
     seconds = time.perf_counter() - start
     return {"seconds": round(seconds, 1), "tokens_per_s": round(steps * batch * context / seconds),

@@ -193,9 +193,10 @@ def smoke_base(build: RealBuild, root: Path, tokenizer, streams: dict) -> Path:
     return base
 
 
-def build_models(build: RealBuild, root: Path, seeds: list[int]) -> dict:
-    import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
+def shared_data(build: RealBuild, root: Path) -> dict:
+    """What every expert run shares: the tokenizer, the base, the train streams, the test windows and
+    the calibration files."""
+    from transformers import AutoTokenizer
 
     if build.smoke:
         tokenizer = lm.train_tokenizer(lm.SMOKE, root)
@@ -207,6 +208,17 @@ def build_models(build: RealBuild, root: Path, seeds: list[int]) -> dict:
               for d in build.domains for s in ("train", "test")}
     streams = {d: splits[d, "train"] for d in build.domains}
     base = smoke_base(build, root, tokenizer, streams) if build.smoke else bench_dir() / "smollm2-135m"
+    return {"base": base, "tokenizer": tokenizer, "streams": streams,
+            "windows": {d: windows(splits[d, "test"], build.context, build.eval_windows) for d in build.domains},
+            "calibration": write_calibration(build, tokenizer, root, streams)}
+
+
+def build_models(build: RealBuild, root: Path, seeds: list[int]) -> dict:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    shared = shared_data(build, root)
+    base, tokenizer, streams = shared["base"], shared["tokenizer"], shared["streams"]
     log_path = root / "build.json"
     log = json.loads(log_path.read_text()) if log_path.is_file() else {}
     saved = json.loads((base / "config.json").read_text())
@@ -227,9 +239,7 @@ def build_models(build: RealBuild, root: Path, seeds: list[int]) -> dict:
                 bf16=not build.smoke)
             lm.save_model(model.to(dtype), tokenizer, folder)
             save_json(log_path, log)
-    return {"base": base, "experts": experts, "log": log, "tokenizer": tokenizer,
-            "windows": {d: windows(splits[d, "test"], build.context, build.eval_windows) for d in build.domains},
-            "calibration": write_calibration(build, tokenizer, root, streams)}
+    return {**shared, "experts": experts, "log": log}
 
 
 def evaluate(model_dir: Path, eval_windows: dict) -> dict:
