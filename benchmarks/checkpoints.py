@@ -266,11 +266,16 @@ def plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for (seed, block), marker in zip(result["seeds"].items(), "os^v"):
+        same: dict[tuple, list[str]] = {}  # one point per distinct combination, all its names
         for name, m in block["merges"].items():
+            same.setdefault(tuple(m["checkpoints"].values()), []).append(name)
+        for names in same.values():
+            m = block["merges"][names[0]]
             ax.scatter(m["predicted_score"], m["test_loss_drop_sum"], marker=marker,
-                       color="tab:orange" if name == "chosen by plan" else "tab:blue")
-            ax.annotate(f"{name} (s{seed})", (m["predicted_score"], m["test_loss_drop_sum"]), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points")
+                       color="tab:orange" if "chosen by plan" in names else "tab:blue")
+            ax.annotate(f"{' = '.join(names)} (s{seed})", (m["predicted_score"], m["test_loss_drop_sum"]),
+                        fontsize=6, xytext=(-4, -9), textcoords="offset points", ha="right")
+    ax.margins(x=0.3, y=0.1)  # room for the labels left of the points
     ax.set_xlabel("plan's score Σ max(val gain, 0) · ρ (predicted, no model written)")
     ax.set_ylabel("Σ test loss drop of the output_qp merge (nats/token)")
     ax.set_title("lm-real: which checkpoints to merge", fontsize=9)
