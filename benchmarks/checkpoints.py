@@ -71,7 +71,8 @@ def train_checkpoints(build, root: Path, shared: dict, seed: int, log: dict) -> 
         folders[d] = [checkpoint_folder(root, build, seed, d, n) for n in steps_of(build)]
         if all((f / "config.json").is_file() for f in folders[d]):
             continue
-        for f in folders[d]:
+        for f in folders[d]:  # an interrupted run's checkpoints: this run saves them all again
+            shutil.rmtree(f, ignore_errors=True)
             f.parent.mkdir(parents=True, exist_ok=True)
 
         def save(done: int, model, d=d):
