@@ -75,3 +75,12 @@ def test_checkpoint_selection_smoke(tmp_path):
     assert again.returncode == 0, again.stderr[-4000:]
     assert "[checkpoints] seed 0" not in again.stderr and "seed 0 " + domains[0] not in again.stderr
     assert json.loads((tmp_path / "checkpoints.json").read_text())["seeds"] == payload["seeds"]
+
+    # a run interrupted after some of a domain's checkpoints: the rerun trains that domain again
+    import shutil
+
+    shutil.rmtree(checkpoints.checkpoint_folder(root, build, 0, domains[0], steps[-1]))
+    resumed = run(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"seed 0 {domains[0]}" in resumed.stderr and f"seed 0 {domains[1]}" not in resumed.stderr
+    assert all((checkpoints.checkpoint_folder(root, build, 0, domains[0], n) / "config.json").is_file() for n in steps)
