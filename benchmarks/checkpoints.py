@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -38,7 +38,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lm
 import lm_real
-from harness import RESULTS, Method, clean_nan, fmt, mean, merge_config, run_merge, save_json, spearman
+from harness import RESULTS, Method, clean_nan, fmt, mean, merge_config, provenance, run_merge, save_json, spearman
+from mergekit_qp.cli.runner import write_config
 from sources import bench_dir
 
 STEPS = (15, 30, 60)  # lm_real's experts take 60 (code 120): a quarter, a half, all of it
@@ -89,24 +90,29 @@ def train_checkpoints(build, root: Path, shared: dict, seed: int, log: dict) -> 
     return folders
 
 
+def output_qp_config(build, shared: dict, choice: list, root: Path) -> dict:
+    """lm_real's output_qp config (its calibration budget and statistics cache) for one checkpoint per domain."""
+    return merge_config(Method("output_qp", "output_qp"), shared["base"], dict(zip(build.domains, map(Path, choice))),
+                        shared["calibration"],
+                        {"calibration_samples": build.calibration_windows, "calibration_seq_len": build.context},
+                        root / "statistics")
+
+
+def combination_key(choice: list) -> str:
+    return "-".join(Path(c).name for c in choice)
+
+
 def plan_config(build, shared: dict, folders: dict, root: Path) -> dict:
-    """lm_real's output_qp config with every expert's checkpoints listed (`model: [step30, ...]`)."""
-    config = merge_config(Method("output_qp", "output_qp"), shared["base"], {d: folders[d][-1] for d in build.domains},
-                          shared["calibration"],
-                          {"calibration_samples": build.calibration_windows, "calibration_seq_len": build.context},
-                          root / "statistics")
+    """The output_qp config with every expert's checkpoints listed (`model: [step15, ...]`)."""
+    config = output_qp_config(build, shared, [folders[d][-1] for d in build.domains], root)
     for model, d in zip(config["models"], build.domains):
         model["model"] = [str(f) for f in folders[d]]
     return config
 
 
-def run_plan(config: dict, out: Path, build, root: Path, threads: int) -> dict:
-    """`mergekit-qp plan` with the validation split as --eval; returns its plan.json."""
-    config_path = out / "checkpoints.yml"
-    out.mkdir(parents=True, exist_ok=True)
-    import yaml
-
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+def run_plan(config: dict, out: Path, build, root: Path, threads: int) -> None:
+    """`mergekit-qp plan` with the validation split as --eval (OUT/plan.json; plan_wall.json last)."""
+    config_path = write_config(out / "checkpoints.yml", config)
     evals = [str(root / "data" / f"{d}.val.jsonl") for d in build.domains]
     cmd = [sys.executable, "-c", "from mergekit_qp.cli import main; main()", "plan", str(config_path),
            "--methods", "output_qp", "--bases", "full", "--out", str(out),
@@ -120,24 +126,19 @@ def run_plan(config: dict, out: Path, build, root: Path, threads: int) -> dict:
         raise SystemExit(f"checkpoints: mergekit-qp plan failed (exit {done.returncode}); log {out / 'plan.log'}:\n"
                          + "\n".join((done.stdout + done.stderr).splitlines()[-20:]))
     save_json(out / "plan_wall.json", {"wall_s": time.perf_counter() - start})
-    return json.loads((out / "plan.json").read_text())
 
 
 def predicted_score(config: dict, choice: list[str], gains: list[float], out: Path) -> dict:
     """Plan's score of a combination it did not evaluate (the same row and formula as plan's; saved)."""
     import torch
-    import yaml
 
     from mergekit_qp.cli.plan import plan
 
-    key = "-".join(Path(c).name for c in choice)
-    saved = out / "extra" / f"{key}.json"
+    saved = out / "extra" / f"{combination_key(choice)}.json"
     if not saved.is_file():
         one = {**config, "models": [{**m, "model": c} for m, c in zip(config["models"], choice)]}
-        path = saved.with_suffix(".yml")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(one, sort_keys=False))
-        torch.manual_seed(0)
+        path = write_config(saved.with_suffix(".yml"), one)
+        torch.manual_seed(0)  # as plan scores a combination
         result = plan(str(path), ["output_qp"], [], ["full"], out_dir=None, device="cpu", interference=False)
         row = next(m for m in result["methods"] if m["name"] == "output_qp full")
         save_json(saved, {"rho_by_task": [row["rho_by_task"][t] for t in result["tasks"]]})
@@ -160,16 +161,12 @@ def combinations(build, folders: dict, selection: dict) -> dict[str, list[str]]:
 
 def score_merge(build, root: Path, shared: dict, choice: list[str], name: str, seed: int, threads: int) -> dict:
     """output_qp merge of one combination through mergekit-yaml, scored on the test windows (saved)."""
-    key = "-".join(Path(c).name for c in choice)
+    key = combination_key(choice)
     path = run_folder(root, build, seed) / "rows" / f"merge-{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
     out = root / "merges" / f"checkpoints-seed{seed}" / key
-    experts = dict(zip(build.domains, map(Path, choice)))
-    config = merge_config(Method("output_qp", "output_qp"), shared["base"], experts, shared["calibration"],
-                          {"calibration_samples": build.calibration_windows, "calibration_seq_len": build.context},
-                          root / "statistics")
-    cost = run_merge(config, out, root / "logs" / f"checkpoints-seed{seed}", threads=threads)
+    cost = run_merge(output_qp_config(build, shared, choice, root), out, root / "logs" / f"checkpoints-seed{seed}", threads=threads)
     row = {"scores": lm_real.evaluate(out, shared["windows"]), **cost}
     shutil.rmtree(out)  # a merged model is 0.5 GB
     save_json(path, row)
@@ -178,7 +175,7 @@ def score_merge(build, root: Path, shared: dict, choice: list[str], name: str, s
     return row
 
 
-def own_domain_loss(root: Path, shared: dict, folder: Path, domain: str, seed: int) -> float:
+def own_domain_loss(shared: dict, folder: Path, domain: str) -> float:
     """A checkpoint's test loss on its own domain (saved)."""
     path = folder.parent.parent / "rows" / f"{domain}-{folder.name}.json"
     if not path.is_file():
@@ -196,7 +193,7 @@ def run_seed(build, root: Path, shared: dict, base_scores: dict, seed: int, thre
     selection = planned["selection"]
     val_gain = list(selection["gains"].values())  # per expert in config order: checkpoint → gain
     checkpoints = {d: {f.name: {"val_gain": val_gain[i][str(f)],
-                                "test_gain": base_scores[d]["loss"] - own_domain_loss(root, shared, f, d, seed)}
+                                "test_gain": base_scores[d]["loss"] - own_domain_loss(shared, f, d)}
                        for f in folders[d]} for i, d in enumerate(build.domains)}
     scored = {tuple(e["checkpoints"][str(i)] for i in range(len(build.domains))): e for e in selection["evaluated"]}
     merges = {}
@@ -312,16 +309,8 @@ def main() -> None:
     names = list(per_seed[str(seeds[0])]["merges"])
     summary = {n: {k: mean(b["merges"][n][k] for b in per_seed.values())
                    for k in ("predicted_score", "test_loss_drop_sum", "mean_loss")} for n in names}
-    import mergekit
-    import transformers
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
     result = {"meta": {
-        "commit": commit, "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "mergekit": getattr(mergekit, "__version__", "0.1.5"), "threads": args.threads, "seeds": seeds,
-        "build": {k: v for k, v in vars(build).items()}, "steps": list(steps_of(build)), "training": log,
+        **provenance(args.threads), "seeds": seeds, "build": dataclasses.asdict(build), "steps": list(steps_of(build)), "training": log,
         "experts": (f"full fine-tunes of the base, {build.expert_batch} x {build.context} tokens per step, AdamW lr "
                     f"{build.expert_lr:g}, constant after a 10 % warm-up of {max(steps_of(build))} steps"),
         "base_test_loss": {d: s["loss"] for d, s in base_scores.items()},

@@ -183,6 +183,25 @@ def rho_function(base: Path, experts: dict[str, Path], calibration: dict[str, Pa
     return rho
 
 
+def provenance(threads: int) -> dict:
+    """Commit, date, machine and library versions of a benchmark run, for its result's `meta`."""
+    import os
+    import platform
+    import subprocess
+    import time
+
+    import mergekit
+    import torch
+    import transformers
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=HERE).stdout.strip() or "unknown"
+    return {"commit": commit, "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "mergekit": getattr(mergekit, "__version__", "0.1.5"), "threads": threads}
+
+
 # ----------------------------------------------------------------------------- summaries
 
 

@@ -27,10 +27,8 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,6 +42,7 @@ from harness import (
     fmt,
     mean,
     merge_config,
+    provenance,
     rho_function,
     run_merge,
     save_json,
@@ -495,15 +494,8 @@ def main() -> None:
                                                            for d, s in scores.items()), flush=True)
         return
     run_rows(build, root, models, seeds, run, args.threads, set(names) if args.rerun else set())
-    import mergekit
-    import transformers
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
     result = {"meta": {
-        "commit": commit, "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "mergekit": getattr(mergekit, "__version__", "0.1.5"), "threads": args.threads,
+        **provenance(args.threads),
         "build": dataclasses.asdict(build), "seeds": seeds, "data_chars": sizes, "training": models["log"],
         "experts": (f"full fine-tunes of the base, {build.expert_steps} steps of {build.expert_batch} x "
                     f"{build.context} tokens, AdamW lr {build.expert_lr:g}"
